@@ -1,0 +1,103 @@
+"""The ``bnrewrite`` command line (also ``python -m bnrewrite``).
+
+Subcommands register themselves in ``COMMANDS``: each is ``(help, add_arguments, run)``. Errors a
+user can fix (bad file, bad option) are raised as ``CLIError`` or ``ValueError`` and printed as one
+line on stderr with exit status 2 -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["CLIError", "main", "add_sampling_arguments", "config_from_args"]
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
+    """The SamplingConfig flags shared by every subcommand that rewrites."""
+    p.add_argument("--method", default=method_default, help="full, ns, bs, fs, vdn or fs_vdn")
+    p.add_argument("--ratio", default=None, help="fraction such as 0.125 or 1/8")
+    p.add_argument("--groups", type=int, default=None, help="channel groups sampling independently")
+    p.add_argument("--sampling", default="random", help="random (default) or fixed")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible random sampling")
+    p.add_argument("--vdn-samples", type=int, default=None, help="virtual rows for vdn / fs_vdn")
+
+
+def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
+    from .config import SamplingConfig
+
+    if args.method is None:
+        raise CLIError("--method is required (full, ns, bs, fs, vdn or fs_vdn)")
+    return SamplingConfig(
+        method=args.method,
+        ratio=args.ratio,
+        groups=args.groups,
+        sampling=args.sampling,
+        seed=args.seed,
+        vdn_samples=args.vdn_samples,
+    )
+
+
+# name -> module that defines ``add_arguments(parser)`` and ``run(args) -> int`` and ``HELP``.
+COMMANDS: dict[str, str] = {
+    "demo": "bnrewrite.demo",
+    "diagnose": "bnrewrite.diagnose",
+    "bench": "bnrewrite.bench",
+    "onnx": "bnrewrite.onnx.cli",
+}
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("bnrewrite"):
+            return None
+        raise
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        self.exit(2, f"bnrewrite: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnrewrite", description="BatchNorm with sampled statistics.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        mod = _load(name)
+        help_text = getattr(mod, "HELP", "(not available in this version)")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if mod is not None:
+            mod.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    mod = _load(args.command)
+    if mod is None:
+        print(
+            f"bnrewrite: error: '{args.command}' is not available in this version yet",
+            file=sys.stderr,
+        )
+        return 2
+    run: Callable[[argparse.Namespace], int] = mod.run
+    try:
+        return int(run(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"bnrewrite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnrewrite: interrupted", file=sys.stderr)
+        return 130

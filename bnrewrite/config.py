@@ -1,0 +1,195 @@
+"""``SamplingConfig``: which few data a BatchNorm layer takes its statistics from.
+
+A config names a method and its budget; it holds no tensors and knows no shapes. The sample plan
+(:mod:`bnrewrite.plan`) turns a config and an input shape into concrete sizes.
+
+Methods (Chen et al., TNNLS 2021):
+
+* ``full``   -- every element (equals PyTorch's BatchNorm).
+* ``ns``     -- naive sampling: ``k = take(N, ratio)`` whole samples, the same for every channel.
+* ``bs``     -- batch sampling: ``k`` whole samples; each of ``groups`` channel groups draws its own.
+* ``fs``     -- feature sampling: about ``ratio`` of every feature map's positions, for all samples;
+  each channel group draws its own positions. For ``(N, C)`` inputs ``fs`` is ``bs``.
+* ``vdn``    -- virtual dataset normalisation: statistics from ``vdn_samples`` virtual rows only.
+* ``fs_vdn`` -- the ``fs`` elements of the real rows together with every element of the virtual rows.
+
+``take(size, f) = max(1, min(size, ceil(size * f - 1e-9)))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Any
+
+__all__ = ["METHODS", "SAMPLINGS", "SamplingConfig", "parse_ratio", "take"]
+
+METHODS: tuple[str, ...] = ("full", "ns", "bs", "fs", "vdn", "fs_vdn")
+SAMPLINGS: tuple[str, ...] = ("random", "fixed")
+
+#: Default ratio per method: 1/8 of the batch for ns/bs, 1/16 of the spatial extent for fs/fs_vdn.
+DEFAULT_RATIO: dict[str, float] = {
+    "full": 1.0,
+    "ns": 0.125,
+    "bs": 0.125,
+    "fs": 0.0625,
+    "vdn": 1.0,
+    "fs_vdn": 0.0625,
+}
+#: Default number of channel groups that sample independently (multi-way decorrelation).
+DEFAULT_GROUPS = 4
+#: Default number of virtual rows for vdn / fs_vdn.
+DEFAULT_VDN_SAMPLES = 2
+
+
+def take(size: Any, fraction: float) -> Any:
+    """``max(1, min(size, ceil(size * fraction - 1e-9)))``; works on ints and on SymInts."""
+    if isinstance(size, int):
+        return max(1, min(size, math.ceil(size * fraction - 1e-9)))
+    # Symbolic sizes (torch.compile with dynamic shapes): exact integer arithmetic on the ratio's
+    # fraction, which equals the float formula for every ratio whose fraction has a small
+    # denominator (all ratios users type, such as 1/8 or 0.125).
+    import torch
+
+    frac = Fraction(fraction).limit_denominator(1 << 20)
+    k = (size * frac.numerator + frac.denominator - 1) // frac.denominator
+    return torch.sym_max(1, torch.sym_min(size, k))
+
+
+def parse_ratio(value: Any) -> float:
+    """Parse ``0.125``, ``"0.125"``, ``"1/8"`` or ``Fraction(1, 8)`` into a float.
+
+    Raises ``ValueError`` (never ``TypeError``) for anything else, so that CLI and option-dict users
+    get one clear message.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"ratio must be a number in (0, 1] such as 0.125 or '1/8', got {value!r}")
+    if isinstance(value, (int, float, Fraction)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(Fraction(int(num.strip()), int(den.strip())))
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ValueError(f"ratio must be a number in (0, 1] such as 0.125 or '1/8', got {value!r}")
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a BatchNorm layer estimates its statistics. Frozen and validated on construction.
+
+    ``ratio``, ``groups`` and ``vdn_samples`` left as ``None`` take the method's defaults
+    (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples), so that
+    ``SamplingConfig(method="fs")`` is a complete config and ``to_dict`` shows concrete values.
+    """
+
+    method: str = "full"
+    ratio: float | None = None
+    groups: int | None = None
+    sampling: str = "random"
+    seed: int | None = None
+    vdn_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        method = self.method.lower() if isinstance(self.method, str) else self.method
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {_choices(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "method", method)
+
+        ratio = DEFAULT_RATIO[method] if self.ratio is None else parse_ratio(self.ratio)
+        if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+            raise ValueError(
+                f"ratio must be in (0, 1] (a fraction of the batch or of the spatial extent, "
+                f"such as 0.125 or '1/8'), got {self.ratio!r}"
+            )
+        object.__setattr__(self, "ratio", ratio)
+
+        groups = (1 if method == "ns" else DEFAULT_GROUPS) if self.groups is None else self.groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer (e.g. 4), got {self.groups!r}")
+        if method == "ns" and groups != 1:
+            raise ValueError(
+                "groups must be 1 for method 'ns' (naive sampling shares one sample across all "
+                "channels); use method='bs' for per-group samples"
+            )
+        object.__setattr__(self, "groups", groups)
+
+        sampling = self.sampling.lower() if isinstance(self.sampling, str) else self.sampling
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {_choices(SAMPLINGS)}, got {self.sampling!r}")
+        object.__setattr__(self, "sampling", sampling)
+
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+
+        vdn = DEFAULT_VDN_SAMPLES if self.vdn_samples is None else self.vdn_samples
+        if isinstance(vdn, bool) or not isinstance(vdn, int) or vdn < 1:
+            raise ValueError(
+                f"vdn_samples must be a positive integer (e.g. 2), got {self.vdn_samples!r}"
+            )
+        object.__setattr__(self, "vdn_samples", vdn)
+
+    # -- derived properties -------------------------------------------------------------------
+    @property
+    def uses_virtual_rows(self) -> bool:
+        """True for ``vdn`` and ``fs_vdn``: the graph must carry virtual rows."""
+        return self.method in ("vdn", "fs_vdn")
+
+    @property
+    def is_random(self) -> bool:
+        return self.sampling == "random" and self.method != "full"
+
+    def replace(self, **changes: Any) -> SamplingConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- dict round trip ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> SamplingConfig:
+        """Build a config from a dict (``torch.compile`` options, CLI flags, a JSON file).
+
+        An unknown key is a ``ValueError`` that names it and lists the known ones.
+        """
+        options = dict(options or {})
+        known = cls.field_names()
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown sampling option {unknown[0]!r}; known options are {_choices(known)}"
+            )
+        return cls(**options)
+
+    @classmethod
+    def coerce(cls, config: SamplingConfig | Mapping[str, Any] | str | None) -> SamplingConfig:
+        """Accept a config, an options dict, a method name, or ``None`` (``full``)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, str):
+            return cls(method=config)
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        raise ValueError(
+            f"config must be a SamplingConfig, a dict of its fields or a method name, "
+            f"got {type(config).__name__}"
+        )

@@ -1,0 +1,239 @@
+"""The estimators: BatchNorm statistics from a sample, and ``sampled_batch_norm``.
+
+This module is the single source of truth of bnrewrite's math; the FX pass, the ONNX rules and the
+GPU kernels lower exactly these formulas. For ``x`` of shape ``(N, C, *S)`` in training mode and the
+sample set ``A_c`` of channel ``c`` given by the sample plan (:mod:`bnrewrite.plan`),
+``n = |A_c|``:
+
+    mu_c     = (1/n) * sum_{a in A_c} x_a                        (accumulated in float32)
+    var_c    = (1/n) * sum_{a in A_c} (x_a - mu_c)^2             (biased, two-pass)
+    y        = (x - mu_c) * rsqrt(var_c + eps) * w_c + b_c       (the whole tensor)
+    rm      <- (1 - m) * rm + m * mu_c
+    rv      <- (1 - m) * rv + m * var_c * n / (n - 1)
+
+The gradient is autograd's exact gradient of this forward: ``mu`` and ``var`` depend on the
+sampled elements only. ``m`` is ``momentum``, a float or a 0-d tensor (the cumulative factor
+``1 / num_batches_tracked`` of ``momentum=None`` is passed as a tensor so that compiled graphs do
+not specialise on it). Eval mode (``training=False``) is ``torch.nn.functional.batch_norm``.
+
+Random offsets are drawn as device tensors on every call (``torch.rand`` scaled by the axis size,
+floored): no host synchronisation and no Python integer that a compiled graph would specialise on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import SamplingConfig
+from .plan import SampledAxis, SamplePlan, sample_plan
+
+__all__ = [
+    "draw_offsets",
+    "gather_sample",
+    "sample_parts",
+    "sample_statistics",
+    "normalize",
+    "update_running_stats",
+    "sampled_batch_norm",
+]
+
+_GENERATORS: dict[tuple[int, str], torch.Generator] = {}
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """The dedicated generator of a seeded config (eager mode); ``None`` means torch's global RNG.
+
+    Under ``torch.compile`` a ``torch.Generator`` cannot be traced, so seeded configs draw from the
+    global RNG there; ``torch.manual_seed`` makes compiled runs reproducible.
+    """
+    if seed is None or torch.compiler.is_compiling():
+        return None
+    key = (seed, str(device))
+    gen = _GENERATORS.get(key)
+    if gen is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        _GENERATORS[key] = gen
+    return gen
+
+
+def reset_generators() -> None:
+    """Forget the dedicated generators of seeded configs: the next call restarts every seed."""
+    _GENERATORS.clear()
+
+
+def draw_offsets(plan: SamplePlan, device: torch.device, seed: int | None = None) -> Tensor | None:
+    """Random offsets, shape ``(G, len(plan.axes))`` int64, each uniform in ``[0, axis.size)``.
+
+    ``None`` for fixed sampling (offset 0) or when nothing is sampled.
+    """
+    if not plan.random:
+        return None
+    gen = _generator(seed, device)
+    u = torch.rand(plan.groups, len(plan.axes), device=device, generator=gen, dtype=torch.float64)
+    cols = [
+        torch.clamp((u[:, i] * ax.size).floor().long(), max=ax.size - 1)
+        for i, ax in enumerate(plan.axes)
+    ]
+    return torch.stack(cols, dim=1)
+
+
+def _axis_indices(ax: SampledAxis, offsets: Tensor, column: int, device: torch.device) -> Tensor:
+    """Per-group indices along one axis, shape ``(G, count)``: ``(offset + step * j) mod size``."""
+    j = torch.arange(ax.count, device=device, dtype=torch.long)
+    return torch.remainder(offsets[:, column : column + 1] + ax.step * j, ax.size)
+
+
+def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor:
+    """The sampled elements of the real rows of ``x``, shaped ``(N', C, *S')``.
+
+    Fixed sampling narrows each sampled axis to its first ``count`` indices. Random sampling gathers
+    ``(offset_g + step * j) mod size`` where ``g`` is the channel's group.
+    """
+    if plan.virtual_rows:
+        x = x.narrow(0, 0, plan.real_rows)
+    if offsets is None:
+        for ax in plan.axes:
+            x = x.narrow(ax.axis, 0, ax.count)
+        return x
+    channels = x.shape[1]
+    group_of = None
+    if plan.groups > 1:
+        group_of = torch.arange(channels, device=x.device) * plan.groups // channels
+    for i, ax in enumerate(plan.axes):
+        idx = _axis_indices(ax, offsets, i, x.device)  # (G, count)
+        if group_of is None:
+            x = x.index_select(ax.axis, idx[0])
+            continue
+        per_channel = idx.index_select(0, group_of)  # (C, count)
+        shape = [1] * x.dim()
+        shape[1] = channels
+        shape[ax.axis] = ax.count
+        if ax.axis == 0:
+            per_channel = per_channel.t()
+        out_shape = list(x.shape)
+        out_shape[ax.axis] = ax.count
+        x = torch.gather(x, ax.axis, per_channel.reshape(shape).expand(out_shape))
+    return x
+
+
+def sample_parts(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> list[Tensor]:
+    """The sample set as a list of tensors ``(rows, C, ...)``: real-row sample, then virtual rows."""
+    parts: list[Tensor] = []
+    if plan.include_real:
+        parts.append(gather_sample(x, plan, offsets))
+    if plan.virtual_rows:
+        parts.append(x.narrow(0, plan.real_rows, plan.virtual_rows))
+    return parts
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    dims = [0, *range(2, t.dim())]
+    return t.sum(dim=dims)
+
+
+def sample_statistics(
+    x: Tensor, plan: SamplePlan, offsets: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance over the sample set, float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = [p.to(acc) for p in sample_parts(x, plan, offsets)]
+    n = plan.count()
+    total = _channel_sum(parts[0])
+    for p in parts[1:]:
+        total = total + _channel_sum(p)
+    mean = total / n
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centered = mean.view(shape)
+    sq = _channel_sum((parts[0] - centered).square())
+    for p in parts[1:]:
+        sq = sq + _channel_sum((p - centered).square())
+    return mean, sq / n
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``(x - mean) * rsqrt(var + eps) * w + b`` over the whole tensor, computed in ``mean.dtype``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x.to(mean.dtype) - mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        y = y + bias.to(mean.dtype).view(shape)
+    return y.to(x.dtype)
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    n: Any,
+    momentum: float | Tensor,
+) -> None:
+    """PyTorch's running-statistics rule with the sample count ``n`` (unbiased variance)."""
+    with torch.no_grad():
+        if running_mean is not None:
+            new = (1 - momentum) * running_mean + momentum * mean.detach()
+            running_mean.copy_(new)
+        if running_var is not None:
+            unbiased = var.detach() * (n / (n - 1))
+            new = (1 - momentum) * running_var + momentum * unbiased
+            running_var.copy_(new)
+
+
+def _check_input(x: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"sampled_batch_norm expects an input of shape (N, C, *spatial), got {tuple(x.shape)}"
+        )
+
+
+def sampled_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    config: SamplingConfig | dict[str, Any] | str | None = None,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` with training statistics from a sample.
+
+    Same arguments and behaviour as ``F.batch_norm``; ``config`` (a :class:`SamplingConfig`, a dict
+    of its fields or a method name; default ``full``) chooses the sample set. For ``vdn`` and
+    ``fs_vdn`` the last ``config.vdn_samples`` rows of ``input`` are the virtual rows (appended by the
+    VDN pass); they are normalised like every other row.
+    """
+    cfg = SamplingConfig.coerce(config)
+    _check_input(input)
+    if not training:
+        m = momentum if isinstance(momentum, float) else 0.0  # unused in eval mode
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, m, eps)
+    plan = sample_plan(tuple(input.shape), cfg)
+    n = plan.count()
+    if isinstance(n, int) and n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel in the sample set when training, got input "
+            f"size {tuple(input.shape)} with method {cfg.method!r} and ratio {cfg.ratio}; use a "
+            f"larger batch or ratio"
+        )
+    offsets = draw_offsets(plan, input.device, cfg.seed)
+    mean, var = sample_statistics(input, plan, offsets)
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    return normalize(input, mean, var, weight, bias, eps)

@@ -1,0 +1,143 @@
+"""Module form: ``SampledBatchNorm1d/2d/3d`` and the in-place verb ``convert_``.
+
+A ``SampledBatchNormNd`` *is* an ``nn.BatchNormNd`` (subclass: same parameters, buffers and
+``state_dict`` keys) whose training-mode forward calls :func:`bnrewrite.sampled_batch_norm` with its
+``config``. Eval mode and the running-statistics bookkeeping are PyTorch's:
+
+* ``num_batches_tracked += 1`` on every training call when ``track_running_stats``;
+* ``momentum=None``: factor ``1 / num_batches_tracked``, computed as a tensor (no ``float()``, so
+  Dynamo does not graph-break and compiled graphs do not specialise on the step count);
+* ``track_running_stats=False``: batch statistics in eval mode too, as PyTorch does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import SamplingConfig
+from .estimators import sampled_batch_norm
+
+__all__ = [
+    "SampledBatchNorm1d",
+    "SampledBatchNorm2d",
+    "SampledBatchNorm3d",
+    "SampledBatchNormMixin",
+    "convert_",
+]
+
+log = logging.getLogger("bnrewrite")
+
+
+class SampledBatchNormMixin:
+    """The forward shared by the 1d/2d/3d classes."""
+
+    config: SamplingConfig
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - PyTorch's name
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
+        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
+            nbt = self.num_batches_tracked  # type: ignore[attr-defined]
+            if nbt is not None:
+                nbt.add_(1)
+                if self.momentum is None:  # type: ignore[attr-defined]
+                    momentum = 1.0 / nbt.to(torch.float32)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
+        use_running = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        return sampled_batch_norm(
+            input,
+            self.running_mean if use_running else None,  # type: ignore[attr-defined]
+            self.running_var if use_running else None,  # type: ignore[attr-defined]
+            self.weight,  # type: ignore[attr-defined]
+            self.bias,  # type: ignore[attr-defined]
+            bn_training,
+            momentum,
+            self.eps,  # type: ignore[attr-defined]
+            config=self.config,
+        )
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        cfg = self.config
+        return f"{base}, method={cfg.method!r}, ratio={cfg.ratio}, sampling={cfg.sampling!r}"
+
+
+def _init(self: Any, config: SamplingConfig | dict[str, Any] | str | None) -> None:
+    self.config = SamplingConfig.coerce(config)
+
+
+class SampledBatchNorm1d(SampledBatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with sampled training statistics."""
+
+    def __init__(self, num_features: int, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _init(self, config)
+
+
+class SampledBatchNorm2d(SampledBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with sampled training statistics."""
+
+    def __init__(self, num_features: int, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _init(self, config)
+
+
+class SampledBatchNorm3d(SampledBatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with sampled training statistics."""
+
+    def __init__(self, num_features: int, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _init(self, config)
+
+
+_SAMPLED = {
+    nn.BatchNorm1d: SampledBatchNorm1d,
+    nn.BatchNorm2d: SampledBatchNorm2d,
+    nn.BatchNorm3d: SampledBatchNorm3d,
+}
+
+
+def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, config: Any) -> nn.Module:
+    """A sampled twin of ``bn`` that shares its parameters and buffers (no copies)."""
+    cls = next((s for b, s in _SAMPLED.items() if type(bn) is b or type(bn) is s), None)
+    if cls is None:
+        raise ValueError(f"cannot convert {type(bn).__name__}; expected nn.BatchNorm1d/2d/3d")
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in bn.__dict__.items() if not k.startswith("_")})
+    new._parameters = dict(bn._parameters)
+    new._buffers = dict(bn._buffers)
+    new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+    new.training = bn.training
+    _init(new, config)
+    return new
+
+
+def convert_(
+    model: nn.Module, config: SamplingConfig | dict[str, Any] | str | None
+) -> nn.Module:
+    """Swap every ``nn.BatchNorm1d/2d/3d`` of ``model`` for its sampled twin, in place.
+
+    Parameters and buffers are shared, so optimisers built before the call keep working and the
+    ``state_dict`` is unchanged. ``nn.SyncBatchNorm`` is left alone (its cross-process statistics
+    are not sampled) and logged. Returns ``model``.
+    """
+    cfg = SamplingConfig.coerce(config)
+    converted = 0
+    for name, child in list(model.named_modules()):
+        for attr, sub in list(child._modules.items()):
+            if sub is None:
+                continue
+            qual = f"{name}.{attr}" if name else attr
+            if isinstance(sub, nn.SyncBatchNorm):
+                log.info("convert_: skipped %s (SyncBatchNorm is not converted)", qual)
+                continue
+            if type(sub) in _SAMPLED or type(sub) in _SAMPLED.values():
+                child._modules[attr] = from_batch_norm(sub, cfg)
+                converted += 1
+    log.info("convert_: %d BatchNorm layer(s) converted to method %r", converted, cfg.method)
+    return model

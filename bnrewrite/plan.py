@@ -1,0 +1,153 @@
+"""The sample plan: which elements of a BatchNorm input make up the sample set.
+
+Backend-neutral: the plan is sizes and index arithmetic only. The torch estimators
+(:mod:`bnrewrite.estimators`), the ONNX rules and the GPU kernels all build their sample sets from
+it, so the sample set is defined once.
+
+For an input ``x`` of shape ``(N, C, *S)`` (``d = len(S)`` spatial dims) the plan is a list of
+*sampled axes*. Along a sampled axis of ``size`` elements the sample takes ``count`` indices
+
+    idx_j = (offset + step * j) mod size,        j = 0 .. count - 1,
+
+and keeps every index of the axes not listed. Axes:
+
+* ``ns``/``bs`` (and ``fs`` on ``(N, C)`` inputs): axis 0, ``count = k = take(N, ratio)``, step 1:
+  ``k`` consecutive rows (cyclically) -- regular, contiguous memory access.
+* ``fs``: every spatial axis ``i``, ``count = m_i = take(S_i, ratio ** (1/d))``,
+  ``step = S_i // m_i`` for random sampling: a lattice spread over the whole feature map, so an image
+  with empty borders is sampled as evenly as its centre (spatially representative); neighbouring
+  positions, which are strongly correlated, are never both taken when ``step > 1``.
+* ``full``: no sampled axes (every element).
+* ``vdn``: no real elements; the last ``virtual_rows`` rows of the input are the sample.
+* ``fs_vdn``: the ``fs`` axes over the real rows, plus every element of the virtual rows.
+
+Offsets. ``fixed`` sampling uses offset 0 and step 1: the first ``k`` rows, or the top-left patch of
+side ``m_i`` (DESIGN.md). ``random`` sampling draws, for each of ``G`` channel groups and each
+sampled axis, an offset uniform in ``[0, size)``. Because the index set is a rotation of a fixed set
+of distinct indices, every index is taken with probability exactly ``count / size``: the sample
+mean is an unbiased estimate of the full mean. Channel ``c`` belongs to group ``c * G // C``
+(contiguous, balanced groups; ``G = min(groups, C)``): ``ns`` has ``G = 1``, the same sample for
+all channels.
+
+The per-channel count of the sample set is ``n = N' * prod(counts) * prod(unsampled sizes)`` plus
+``virtual_rows * prod(S)`` for the virtual part; running variance uses ``n / (n - 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .config import SamplingConfig, take
+
+__all__ = ["SampledAxis", "SamplePlan", "sample_plan", "channel_group_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledAxis:
+    """One sampled axis: indices ``(offset + step * j) mod size`` for ``j < count``."""
+
+    axis: int
+    size: Any  # int or SymInt
+    count: Any
+    step: Any
+
+    def fixed_indices(self) -> list[int]:
+        """The indices of fixed sampling (offset 0, step 1): ``0 .. count - 1``."""
+        return list(range(int(self.count)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """Concrete sample set of one BatchNorm input (see the module docstring)."""
+
+    method: str
+    shape: tuple[Any, ...]
+    real_rows: Any
+    virtual_rows: int
+    axes: tuple[SampledAxis, ...]
+    groups: int
+    random: bool
+    include_real: bool
+
+    @property
+    def channels(self) -> Any:
+        return self.shape[1]
+
+    @property
+    def spatial(self) -> tuple[Any, ...]:
+        return tuple(self.shape[2:])
+
+    @property
+    def is_full(self) -> bool:
+        return self.include_real and not self.axes and self.virtual_rows == 0
+
+    def real_count(self) -> Any:
+        """Per-channel number of sampled elements taken from the real rows."""
+        if not self.include_real:
+            return 0
+        sizes = [self.real_rows, *self.spatial]
+        for ax in self.axes:
+            sizes[ax.axis if ax.axis == 0 else ax.axis - 1] = ax.count
+        return math.prod(sizes)
+
+    def virtual_count(self) -> Any:
+        return self.virtual_rows * math.prod(self.spatial)
+
+    def count(self) -> Any:
+        """Per-channel size ``n`` of the sample set."""
+        return self.real_count() + self.virtual_count()
+
+
+def channel_group_of(channel: int, channels: int, groups: int) -> int:
+    """Group of a channel: ``c * G // C`` with ``G = min(groups, C)``."""
+    return channel * min(groups, channels) // channels
+
+
+def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
+    """The sample plan for an input of ``shape = (N, C, *S)`` under ``config``.
+
+    For ``vdn``/``fs_vdn`` the last ``config.vdn_samples`` rows of the input are the virtual rows.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"BatchNorm input must have shape (N, C, *spatial) with at least 2 dims, got {shape}"
+        )
+    n_total, channels = shape[0], shape[1]
+    spatial = shape[2:]
+    method = config.method
+    virtual = config.vdn_samples if config.uses_virtual_rows else 0
+    real = n_total - virtual
+    if virtual and isinstance(real, int) and real < 0:
+        raise ValueError(
+            f"method {method!r} expects the last {virtual} rows of the input to be virtual rows, "
+            f"but the input has only {n_total} rows; apply VDN with bnrewrite.rewrite on the whole "
+            f"model, which appends them"
+        )
+    random = config.sampling == "random"
+    axes: list[SampledAxis] = []
+    if method in ("ns", "bs") or (method in ("fs", "fs_vdn") and not spatial):
+        k = take(real, config.ratio)
+        axes.append(SampledAxis(0, real, k, 1))
+    elif method in ("fs", "fs_vdn"):
+        side = config.ratio ** (1.0 / len(spatial))
+        for i, size in enumerate(spatial):
+            m = take(size, side)
+            step = size // m if random else 1
+            axes.append(SampledAxis(2 + i, size, m, step))
+    groups = 1 if method == "ns" else config.groups
+    if isinstance(channels, int):
+        groups = min(groups, channels)
+    return SamplePlan(
+        method=method,
+        shape=shape,
+        real_rows=real,
+        virtual_rows=virtual,
+        axes=tuple(axes),
+        groups=groups,
+        random=random and bool(axes),
+        include_real=method != "vdn",
+    )
