@@ -126,10 +126,14 @@ class SamplingConfig:
 
         sampling = self.sampling.lower() if isinstance(self.sampling, str) else self.sampling
         if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {_choices(SAMPLINGS)}, got {self.sampling!r}")
+            raise ValueError(
+                f"sampling must be one of {_choices(SAMPLINGS)}, got {self.sampling!r}"
+            )
         object.__setattr__(self, "sampling", sampling)
 
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")

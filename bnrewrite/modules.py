@@ -117,9 +117,7 @@ def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, config: Any) -> nn.Modu
     return new
 
 
-def convert_(
-    model: nn.Module, config: SamplingConfig | dict[str, Any] | str | None
-) -> nn.Module:
+def convert_(model: nn.Module, config: SamplingConfig | dict[str, Any] | str | None) -> nn.Module:
     """Swap every ``nn.BatchNorm1d/2d/3d`` of ``model`` for its sampled twin, in place.
 
     Parameters and buffers are shared, so optimisers built before the call keep working and the
