@@ -67,32 +67,34 @@ def reset_generators() -> None:
 
 
 def draw_offsets(plan: SamplePlan, device: torch.device, seed: int | None = None) -> Tensor | None:
-    """Random offsets, shape ``(G, len(plan.axes))`` int64, each uniform in ``[0, axis.size)``.
+    """Random offsets, shape ``(R, G, A)`` int64 (see :mod:`bnrewrite.plan`), uniform in ``[0, size)``.
 
     ``None`` for fixed sampling (offset 0) or when nothing is sampled.
     """
     if not plan.random:
         return None
     gen = _generator(seed, device)
-    u = torch.rand(plan.groups, len(plan.axes), device=device, generator=gen, dtype=torch.float64)
+    shape = (plan.offset_rows, plan.groups, len(plan.axes))
+    u = torch.rand(shape, device=device, generator=gen, dtype=torch.float64)
     cols = [
-        torch.clamp((u[:, i] * ax.size).floor().long(), max=ax.size - 1)
+        torch.clamp((u[..., i] * ax.size).floor().long(), max=ax.size - 1)
         for i, ax in enumerate(plan.axes)
     ]
-    return torch.stack(cols, dim=1)
+    return torch.stack(cols, dim=-1)
 
 
-def _axis_indices(ax: SampledAxis, offsets: Tensor, column: int, device: torch.device) -> Tensor:
-    """Per-group indices along one axis, shape ``(G, count)``: ``(offset + step * j) mod size``."""
-    j = torch.arange(ax.count, device=device, dtype=torch.long)
-    return torch.remainder(offsets[:, column : column + 1] + ax.step * j, ax.size)
+def axis_indices(ax: SampledAxis, offsets: Tensor, column: int) -> Tensor:
+    """Indices along one sampled axis, ``(R, G, count)``: ``(offset + step * j) mod size``."""
+    j = torch.arange(ax.count, device=offsets.device, dtype=torch.long)
+    return torch.remainder(offsets[..., column : column + 1] + ax.step * j, ax.size)
 
 
 def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor:
     """The sampled elements of the real rows of ``x``, shaped ``(N', C, *S')``.
 
     Fixed sampling narrows each sampled axis to its first ``count`` indices. Random sampling gathers
-    ``(offset_g + step * j) mod size`` where ``g`` is the channel's group.
+    ``(offset + step * j) mod size``, the offset being that of the channel's group (and, for
+    spatial axes, of the row).
     """
     if plan.virtual_rows:
         x = x.narrow(0, 0, plan.real_rows)
@@ -101,23 +103,23 @@ def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor
             x = x.narrow(ax.axis, 0, ax.count)
         return x
     channels = x.shape[1]
-    group_of = None
-    if plan.groups > 1:
-        group_of = torch.arange(channels, device=x.device) * plan.groups // channels
     for i, ax in enumerate(plan.axes):
-        idx = _axis_indices(ax, offsets, i, x.device)  # (G, count)
-        if group_of is None:
-            x = x.index_select(ax.axis, idx[0])
+        idx = axis_indices(ax, offsets, i)  # (R, G, count)
+        if plan.groups == 1 and idx.shape[0] == 1:
+            x = x.index_select(ax.axis, idx[0, 0])
             continue
-        per_channel = idx.index_select(0, group_of)  # (C, count)
-        shape = [1] * x.dim()
-        shape[1] = channels
-        shape[ax.axis] = ax.count
-        if ax.axis == 0:
-            per_channel = per_channel.t()
+        if plan.groups > 1:
+            group_of = torch.arange(channels, device=x.device) * plan.groups // channels
+            idx = idx.index_select(1, group_of)  # (R, C, count)
+        if ax.axis == 0:  # rows: (1, C, k) -> (k, C, 1, ...)
+            idx = idx[0].t()
+            shape = [ax.count, idx.shape[1]] + [1] * (x.dim() - 2)
+        else:
+            shape = [idx.shape[0], idx.shape[1]] + [1] * (x.dim() - 2)
+            shape[ax.axis] = ax.count
         out_shape = list(x.shape)
         out_shape[ax.axis] = ax.count
-        x = torch.gather(x, ax.axis, per_channel.reshape(shape).expand(out_shape))
+        x = torch.gather(x, ax.axis, idx.reshape(shape).expand(out_shape))
     return x
 
 

@@ -22,12 +22,16 @@ and keeps every index of the axes not listed. Axes:
 * ``fs_vdn``: the ``fs`` axes over the real rows, plus every element of the virtual rows.
 
 Offsets. ``fixed`` sampling uses offset 0 and step 1: the first ``k`` rows, or the top-left patch of
-side ``m_i`` (DESIGN.md). ``random`` sampling draws, for each of ``G`` channel groups and each
-sampled axis, an offset uniform in ``[0, size)``. Because the index set is a rotation of a fixed set
-of distinct indices, every index is taken with probability exactly ``count / size``: the sample
-mean is an unbiased estimate of the full mean. Channel ``c`` belongs to group ``c * G // C``
-(contiguous, balanced groups; ``G = min(groups, C)``): ``ns`` has ``G = 1``, the same sample for
-all channels.
+side ``m_i`` (DESIGN.md). ``random`` sampling draws an offset uniform in ``[0, size)`` for each
+sampled axis, for each of ``G`` channel groups and -- for the spatial axes of ``fs`` -- for each
+real row, so offsets have shape ``(R, G, A)`` with ``R = plan.offset_rows`` (``N'`` for ``fs``, 1
+for row sampling) and ``A = len(plan.axes)``. Because an index set is a rotation of a fixed set of
+distinct indices, every index is taken with probability exactly ``count / size``: the sample mean is
+an unbiased estimate of the full mean. Per-row lattice phases matter on real images: objects sit at
+the same place in every image of a data set (digits are centred), so one phase shared by the whole
+batch would make every row's error the same; a phase per row averages it out over the batch.
+Channel ``c`` belongs to group ``c * G // C`` (contiguous, balanced groups; ``G = min(groups, C)``):
+``ns`` has ``G = 1``, the same sample for all channels.
 
 The per-channel count of the sample set is ``n = N' * prod(counts) * prod(unsampled sizes)`` plus
 ``virtual_rows * prod(S)`` for the virtual part; running variance uses ``n / (n - 1)``.
@@ -79,6 +83,11 @@ class SamplePlan:
     @property
     def spatial(self) -> tuple[Any, ...]:
         return tuple(self.shape[2:])
+
+    @property
+    def offset_rows(self) -> Any:
+        """``R``: rows that draw their own offsets -- every real row for spatial sampling, else 1."""
+        return self.real_rows if any(ax.axis >= 2 for ax in self.axes) else 1
 
     @property
     def is_full(self) -> bool:

@@ -1,0 +1,62 @@
+"""An independent float64 reference of the DESIGN.md contract for fixed sampling.
+
+Written from DESIGN.md alone; it imports nothing from bnrewrite. ``bs``/``ns``: the first ``k`` samples;
+``fs``: the top-left patch of side ``take(S_i, ratio ** (1/d))``; statistics are the biased mean and
+variance over that set; the whole tensor is normalised; running stats use ``n / (n - 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def ref_take(size: int, f: float) -> int:
+    return max(1, min(size, math.ceil(size * f - 1e-9)))
+
+
+def ref_sample(x: torch.Tensor, method: str, ratio: float) -> torch.Tensor:
+    """The fixed sample set of ``x`` (N, C, *S) as a tensor (N', C, *S')."""
+    if method == "full":
+        return x
+    spatial = x.shape[2:]
+    if method in ("bs", "ns") or (method == "fs" and len(spatial) == 0):
+        return x[: ref_take(x.shape[0], ratio)]
+    if method == "fs":
+        side = ratio ** (1.0 / len(spatial))
+        index = [slice(None), slice(None)] + [slice(0, ref_take(s, side)) for s in spatial]
+        return x[tuple(index)]
+    raise ValueError(method)
+
+
+def ref_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    method: str,
+    ratio: float,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Float64 forward of the contract (training mode); updates the running stats in place."""
+    xd = x.double()
+    s = ref_sample(xd, method, ratio)
+    dims = [0] + list(range(2, x.dim()))
+    n = s.numel() // s.shape[1]
+    mean = s.sum(dims) / n
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    var = ((s - mean.view(shape)) ** 2).sum(dims) / n
+    y = (xd - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_((1 - momentum) * running_mean.double() + momentum * mean)
+        if running_var is not None:
+            running_var.copy_((1 - momentum) * running_var.double() + momentum * var * n / (n - 1))
+    return y
