@@ -1,0 +1,556 @@
+"""The FX pass: replace the statistics of training-mode BatchNorm with sampled estimators.
+
+For a BatchNorm node with input ``x (N, C, *S)`` in training mode, the pass makes the graph compute
+
+    y = (x - mu_hat) * rsqrt(var_hat + eps) * w + b
+    rm <- (1 - m) * rm + m * mu_hat,   rv <- (1 - m) * rv + m * var_hat * n / (n - 1)
+
+with ``mu_hat``, ``var_hat`` the biased statistics over the sample set of the config (see
+:mod:`bnrewrite.estimators`, the only place this math is written). Graph forms, one case each:
+
+1. ``call_module`` on ``nn.BatchNorm1d/2d/3d`` (``symbolic_trace``): the submodule is swapped for
+   its ``SampledBatchNormNd`` twin (:func:`bnrewrite.modules.from_batch_norm`), which shares the
+   parameters and buffers. The graph is unchanged, ``.train()`` / ``.eval()`` keep working and the
+   ``state_dict`` keys are the original ones.
+2. ``call_function`` on ``F.batch_norm`` / ``torch.batch_norm`` / ``aten.batch_norm`` (Python-level,
+   Dynamo and export graphs), and the mutating aten forms ``aten.native_batch_norm``,
+   ``aten._native_batch_norm_legit(.no_stats)``, ``aten._batch_norm_with_update``,
+   ``aten.cudnn_batch_norm``: replaced by the custom op ``bnrewrite::sampled_batch_norm`` (mutates
+   the running statistics in place, like the op it replaces).
+3. The functional aten forms ``aten._native_batch_norm_legit_functional`` and
+   ``aten._batch_norm_with_update_functional``: replaced by
+   ``bnrewrite::sampled_batch_norm_functional``, whose outputs 1 and 2 are the updated running
+   statistics; the original's running-statistics outputs are rewired to them.
+
+Declined with a logged reason (the node is left as it is): eval-mode BN (``training=False``,
+``aten._native_batch_norm_legit_no_training``, ``aten._batch_norm_no_update``), a BN filtered by
+name, ``nn.SyncBatchNorm`` (cross-process statistics are not sampled), a tuple form whose saved
+statistics are used (a joint forward/backward graph: rewrite before autograd), non-constant
+``training`` / ``momentum`` / ``eps``. Already rewritten nodes are skipped, so a second rewrite
+changes nothing. The structure is ``find_batch_norm_nodes`` (match) then ``rewrite_node`` (one
+node, one config), so whole-graph passes such as VDN can reuse both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import logging
+import operator
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnrewrite.config import SamplingConfig
+from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm
+from bnrewrite.ops import (
+    config_to_str,
+    is_sampled_batch_norm_op,
+    sampled_batch_norm_functional_op,
+    sampled_batch_norm_op,
+)
+
+__all__ = [
+    "BatchNormSite",
+    "RewriteReport",
+    "find_batch_norm_nodes",
+    "rewrite_node",
+    "rewrite_graph",
+    "rewrite",
+    "select_config",
+]
+
+log = logging.getLogger("bnrewrite")
+
+aten = torch.ops.aten
+
+# -- the forms --------------------------------------------------------------------------------
+# Each call_function form: argument names in order (missing trailing ones take defaults), whether it
+# returns a tuple, and for functional forms the output indices of the new running statistics.
+_F_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+)
+_DEFAULTS: dict[str, Any] = {
+    "running_mean": None,
+    "running_var": None,
+    "weight": None,
+    "bias": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Form:
+    args: tuple[str, ...]
+    tuple_out: bool = False
+    functional_stats: tuple[int, int] | None = None  # outputs holding the new rm, rv
+    training: bool | None = None  # fixed by the op itself (None: an argument)
+
+
+def _aten_forms() -> dict[Any, _Form]:
+    forms: dict[Any, _Form] = {
+        F.batch_norm: _Form(_F_ARGS),
+        torch.batch_norm: _Form(_ATEN_ARGS),
+    }
+
+    def add(packet: str, overload: str, form: _Form) -> None:
+        op = getattr(aten, packet, None)
+        if op is not None and hasattr(op, overload):
+            forms[getattr(op, overload)] = form
+
+    add("batch_norm", "default", _Form(_ATEN_ARGS))
+    add("native_batch_norm", "default", _Form(_ATEN_ARGS, tuple_out=True))
+    add("_native_batch_norm_legit", "default", _Form(_ATEN_ARGS, tuple_out=True))
+    no_stats = ("input", "weight", "bias", "training", "momentum", "eps")
+    add("_native_batch_norm_legit", "no_stats", _Form(no_stats, tuple_out=True))
+    add(
+        "_native_batch_norm_legit_functional",
+        "default",
+        _Form(_ATEN_ARGS, tuple_out=True, functional_stats=(3, 4)),
+    )
+    with_update = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+    add("_batch_norm_with_update", "default", _Form(with_update, tuple_out=True, training=True))
+    add(
+        "_batch_norm_with_update_functional",
+        "default",
+        _Form(with_update, tuple_out=True, functional_stats=(4, 5), training=True),
+    )
+    add("cudnn_batch_norm", "default", _Form(_ATEN_ARGS, tuple_out=True))
+    eval_args = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+    add("_native_batch_norm_legit_no_training", "default", _Form(eval_args, True, None, False))
+    add("_batch_norm_no_update", "default", _Form(eval_args, True, None, False))
+    return forms
+
+
+_FORMS = _aten_forms()
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# -- report -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RewriteReport:
+    """What a rewrite did: the BN nodes rewritten and those skipped, with a reason each."""
+
+    rewritten: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, method)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
+
+    @property
+    def count(self) -> int:
+        return len(self.rewritten)
+
+    def skipped_for(self, reason_prefix: str) -> list[str]:
+        return [name for name, reason in self.skipped if reason.startswith(reason_prefix)]
+
+    def __str__(self) -> str:
+        lines = [f"bnrewrite: rewrote {self.count} BatchNorm node(s)"]
+        lines += [f"  rewritten {name} ({method})" for name, method in self.rewritten]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+# -- matching ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BatchNormSite:
+    """One BatchNorm node of a graph, its arguments normalised to aten order.
+
+    ``form`` is ``"module"`` (call_module), ``"function"`` (call_function, mutating or plain) or
+    ``"functional"`` (returns the new running statistics). ``reason`` is set when the node cannot
+    be rewritten whatever the config (eval mode, unsupported form, already rewritten).
+    """
+
+    node: fx.Node
+    form: str
+    name: str
+    args: dict[str, Any]
+    reason: str | None = None
+    spec: _Form | None = None
+
+
+_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+
+
+def _normalize_qualname(text: str) -> str:
+    """``L['self'].layer1[0]._modules['bn']`` -> ``layer1.0.bn``."""
+    text = _DYNAMO_ROOT.sub("", text)
+    text = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", text)
+    text = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", text)
+    return text.strip(".")
+
+
+def _buffer_owner(arg: Any, gm: fx.GraphModule | None) -> str | None:
+    """Qualified module name from a ``get_attr`` or Dynamo placeholder of a BN parameter/buffer."""
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr" and "." in str(arg.target):
+        return str(arg.target).rsplit(".", 1)[0]
+    if arg.op == "placeholder":
+        sig = getattr(gm, "_bnrewrite_signature", None) if gm is not None else None
+        if sig and arg.name in sig:
+            return sig[arg.name].rsplit(".", 1)[0]
+        m = re.match(r"^L_[a-zA-Z0-9]+_(.*)_(?:buffers|parameters)_[a-z_]+_$", str(arg.target))
+        if m:
+            return m.group(1).replace("_modules_", ".").strip("_")
+    return None
+
+
+def _site_name(node: fx.Node, args: Mapping[str, Any], gm: fx.GraphModule | None) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1][:2]
+        kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
+        if "BatchNorm" in kind_name:
+            return _normalize_qualname(str(path))
+    for key in ("running_mean", "weight", "running_var", "bias"):
+        owner = _buffer_owner(args.get(key), gm)
+        if owner:
+            return owner
+    return node.name
+
+
+def _normalize_args(node: fx.Node, names: Sequence[str]) -> dict[str, Any]:
+    values = dict(_DEFAULTS)
+    values.update(zip(names, node.args, strict=False))
+    values.update(node.kwargs)
+    return values
+
+
+def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
+    if node.op == "call_module" and gm is not None:
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            return None
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return None
+        name = str(node.target)
+        site = BatchNormSite(node, "module", name, {})
+        if isinstance(mod, SampledBatchNormMixin):
+            site.reason = "already rewritten"
+        elif isinstance(mod, nn.SyncBatchNorm):
+            site.reason = "unsupported form: SyncBatchNorm (cross-process statistics)"
+        elif type(mod) not in _BN_MODULES:
+            site.reason = f"unsupported form: {type(mod).__name__}"
+        elif not mod.training:
+            site.reason = "eval mode"
+        return site
+    if node.op != "call_function":
+        return None
+    if is_sampled_batch_norm_op(node.target):
+        return BatchNormSite(node, "function", node.name, {}, reason="already rewritten")
+    spec = _FORMS.get(node.target)
+    if spec is None:
+        return None
+    args = _normalize_args(node, spec.args)
+    if spec.training is not None:
+        args["training"] = spec.training
+    form = "functional" if spec.functional_stats else "function"
+    site = BatchNormSite(node, form, _site_name(node, args, gm), args, spec=spec)
+    training = args["training"]
+    if not isinstance(training, bool):
+        site.reason = "unsupported form: training is not a constant"
+    elif not training:
+        site.reason = "eval mode"
+    elif not isinstance(args["eps"], (int, float)):
+        site.reason = "unsupported form: eps is not a constant"
+    elif args["momentum"] is None or not isinstance(args["momentum"], (int, float, torch.SymFloat)):
+        site.reason = "unsupported form: momentum is not a constant"
+    elif spec.tuple_out:
+        used = {u.args[1] for u in node.users if u.target is operator.getitem}
+        if any(u.target is not operator.getitem for u in node.users):
+            site.reason = "unsupported form: tuple output used whole"
+        else:
+            allowed = {0, *(spec.functional_stats or ())}
+            if used - allowed:
+                site.reason = (
+                    "unsupported form: saved statistics are used (a joint forward/backward "
+                    "graph); rewrite before autograd"
+                )
+    return site
+
+
+def find_batch_norm_nodes(
+    graph_or_module: fx.Graph | fx.GraphModule,
+) -> list[BatchNormSite]:
+    """Every BatchNorm node of the graph in order, with ``reason`` set where it cannot be rewritten."""
+    if isinstance(graph_or_module, fx.GraphModule):
+        graph, gm = graph_or_module.graph, graph_or_module
+    else:
+        graph, gm = graph_or_module, graph_or_module.owning_module
+    sites = []
+    for node in graph.nodes:
+        site = _match(node, gm)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+# -- rewriting one node -----------------------------------------------------------------------
+_VALUE_META = ("val", "tensor_meta", "example_value")
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node, index: int | None = None) -> None:
+    """Copy provenance meta; value meta as is (``index=None``) or element ``index`` of a tuple."""
+    for key, value in src.meta.items():
+        if key in _VALUE_META and index is not None:
+            if isinstance(value, (tuple, list)) and len(value) > index:
+                dst.meta[key] = value[index]
+            continue
+        dst.meta[key] = value
+
+
+def _set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, attr = qualname.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, module)
+
+
+def _training_attr(gm: fx.GraphModule | None, site: BatchNormSite) -> fx.Node | bool:
+    """A ``get_attr`` of the owning module's ``training`` flag, for ``symbolic_trace`` graphs.
+
+    ``symbolic_trace`` bakes ``self.training`` into ``F.batch_norm`` calls as a constant; reading
+    the flag of the module that owns the BN's buffers keeps ``.train()`` / ``.eval()`` honoured.
+    Falls back to the constant ``True`` when the owner is unknown or the BN has no running stats.
+    """
+    rm = site.args.get("running_mean")
+    if gm is None or not isinstance(rm, fx.Node) or rm.op != "get_attr":
+        return True
+    owner = str(rm.target).rpartition(".")[0]
+    try:
+        gm.get_submodule(owner)
+    except AttributeError:
+        return True
+    graph = site.node.graph
+    with graph.inserting_before(site.node), warnings.catch_warnings():
+        # ``training`` is a plain attribute, not a parameter/buffer/submodule: FX warns, codegen
+        # emits ``self.<owner>.training`` all the same.
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        return graph.get_attr(f"{owner}.training" if owner else "training")
+
+
+def rewrite_node(
+    gm: fx.GraphModule | None,
+    site: BatchNormSite,
+    config: SamplingConfig,
+    *,
+    follow_module_training: bool = False,
+) -> None:
+    """Rewrite one matched BatchNorm node (``site.reason`` must be ``None``) to ``config``.
+
+    ``follow_module_training``: for ``symbolic_trace`` graphs, read the ``training`` argument of a
+    ``call_function`` BN from its owning module at run time (see :func:`_training_attr`).
+    """
+    if site.reason is not None:
+        raise ValueError(f"cannot rewrite {site.name}: {site.reason}")
+    node = site.node
+    graph = node.graph
+    if site.form == "module":
+        assert gm is not None
+        bn = gm.get_submodule(str(node.target))
+        _set_module(gm, str(node.target), from_batch_norm(bn, config))
+        return
+    a = site.args
+    training = _training_attr(gm, site) if follow_module_training else True
+    op_args = (
+        a["input"],
+        a["weight"],
+        a["bias"],
+        a.get("running_mean"),
+        a.get("running_var"),
+        training,
+        float(a["momentum"]) if isinstance(a["momentum"], int) else a["momentum"],
+        float(a["eps"]),
+        config_to_str(config),
+    )
+    spec = site.spec
+    assert spec is not None
+    with graph.inserting_before(node):
+        if site.form == "functional":
+            new = graph.call_function(sampled_batch_norm_functional_op, op_args)
+            _copy_meta(node, new, index=None)
+            val_keys = [k for k in _VALUE_META if k in node.meta]
+            stats = spec.functional_stats
+            assert stats is not None
+            for key in val_keys:
+                old = node.meta[key]
+                new.meta[key] = (old[0], old[stats[0]], old[stats[1]])
+            remap = {0: 0, stats[0]: 1, stats[1]: 2}
+        else:
+            new = graph.call_function(sampled_batch_norm_op, op_args)
+            _copy_meta(node, new, index=0 if spec.tuple_out else None)
+            remap = {0: 0}
+    if not spec.tuple_out:
+        node.replace_all_uses_with(new)
+    else:
+        for user in list(node.users):
+            idx = user.args[1]
+            if site.form == "functional":
+                user.args = (new, remap[idx])
+            else:
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+    graph.erase_node(node)
+
+
+# -- selection ----------------------------------------------------------------------------------
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_config(
+    name: str,
+    config: SamplingConfig,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    overrides: Mapping[str, Any] | None,
+) -> SamplingConfig | None:
+    """The config of the BN named ``name``; ``None`` when it is filtered out by name."""
+    if include is not None and not _matches(name, include):
+        return None
+    if exclude and _matches(name, exclude):
+        return None
+    if overrides:
+        if name in overrides:
+            value = overrides[name]
+            return None if value is None else SamplingConfig.coerce(value)
+        for pattern, value in overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return None if value is None else SamplingConfig.coerce(value)
+    return config
+
+
+def _as_patterns(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def rewrite_graph(
+    graph_or_module: fx.Graph | fx.GraphModule,
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    filter_fn: Callable[[BatchNormSite], bool] | None = None,
+    follow_module_training: bool = False,
+) -> RewriteReport:
+    """Rewrite every training-mode BN node of a graph in place; returns the report.
+
+    Works on a ``GraphModule`` (any graph kind) or a bare ``Graph`` (the Inductor pre-grad hook);
+    ``call_module`` sites need the owning module.
+    """
+    cfg = SamplingConfig.coerce(config)
+    include_p, exclude_p = _as_patterns(include), _as_patterns(exclude)
+    if isinstance(graph_or_module, fx.GraphModule):
+        gm: fx.GraphModule | None = graph_or_module
+        graph = graph_or_module.graph
+    else:
+        graph = graph_or_module
+        gm = graph.owning_module
+    report = RewriteReport()
+    changed = False
+    for site in find_batch_norm_nodes(graph if gm is None else gm):
+        if site.reason is not None:
+            report.skipped.append((site.name, site.reason))
+            continue
+        chosen = select_config(site.name, cfg, include_p, exclude_p, overrides)
+        if chosen is None or (filter_fn is not None and not filter_fn(site)):
+            report.skipped.append((site.name, "filtered by name"))
+            continue
+        rewrite_node(gm, site, chosen, follow_module_training=follow_module_training)
+        report.rewritten.append((site.name, chosen.method))
+        changed = changed or site.form != "module"
+    if changed:
+        graph.lint()
+        if gm is not None:
+            gm.recompile()
+    log.info("%s", report)
+    return report
+
+
+# -- entry point --------------------------------------------------------------------------------
+def _rewrite_exported(ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any]) -> Any:
+    ep = copy.deepcopy(ep)
+    gm = ep.graph_module
+    sig = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None:
+            sig[spec.arg.name] = spec.target
+    gm._bnrewrite_signature = sig
+    try:
+        report = rewrite_graph(gm, cfg, **kwargs)
+    finally:
+        del gm._bnrewrite_signature
+    gm.meta["bnrewrite"] = report
+    return ep, report
+
+
+def rewrite(
+    obj: Any,
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    *,
+    inplace: bool = False,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    return_report: bool = False,
+    tracer_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram.
+
+    * ``nn.Module`` -> ``GraphModule`` (``torch.fx.symbolic_trace``; the model is deep-copied first
+      unless ``inplace=True``, in which case the GraphModule shares its submodules).
+    * ``GraphModule`` -> ``GraphModule`` (a copy unless ``inplace=True``).
+    * ``torch.export.ExportedProgram`` -> ``ExportedProgram`` (always a copy).
+
+    ``include`` / ``exclude``: fnmatch patterns over qualified module names (``"layer1.*"``).
+    ``overrides``: ``{name or pattern: config or None}``, a config per layer (``None`` keeps it
+    full). The report (:class:`RewriteReport`) is stored in ``result.meta["bnrewrite"]`` for
+    GraphModules, in ``ep.graph_module.meta["bnrewrite"]`` for ExportedPrograms, logged on the
+    ``bnrewrite`` logger and returned too with ``return_report=True``.
+    """
+    cfg = SamplingConfig.coerce(config)
+    opts = {"include": include, "exclude": exclude, "overrides": overrides}
+    if cfg.uses_virtual_rows:
+        raise ValueError(
+            f"method {cfg.method!r} needs virtual rows carried through the whole network; "
+            "use the VDN pass (bnrewrite.passes.vdn) instead of the per-node rewrite"
+        )
+    export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
+    if export_cls is not None and isinstance(obj, export_cls):
+        result, report = _rewrite_exported(obj, cfg, opts)
+        return (result, report) if return_report else result
+    if isinstance(obj, fx.GraphModule):
+        gm = obj if inplace else copy.deepcopy(obj)
+    elif isinstance(obj, nn.Module):
+        model = obj if inplace else copy.deepcopy(obj)
+        if tracer_kwargs:
+            gm = fx.symbolic_trace(model, **tracer_kwargs)
+        else:
+            gm = fx.symbolic_trace(model)
+        gm.training = model.training  # the flag only: a frozen BN inside stays in eval mode
+    else:
+        raise ValueError(
+            f"rewrite expects an nn.Module, a torch.fx.GraphModule or a "
+            f"torch.export.ExportedProgram, got {type(obj).__name__}"
+        )
+    traced = isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule)
+    report = rewrite_graph(gm, cfg, **opts, follow_module_training=traced)
+    gm.meta["bnrewrite"] = report
+    return (gm, report) if return_report else gm
