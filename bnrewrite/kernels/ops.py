@@ -1,0 +1,553 @@
+"""``torch.library`` custom ops around the Triton kernels, their autograd, and the public function.
+
+Ops (namespace ``bnrewrite``, prefix ``fused_bn_`` -- distinct from the graph-level
+``bnrewrite::sampled_batch_norm`` of the FX pass):
+
+* ``bnrewrite::fused_bn_forward(x, weight, bias, offsets, method, ratio, groups, sampling,
+  vdn_samples, eps) -> (y, mean, var)``: sampled statistics (fp32, biased) and the normalised
+  output over the whole tensor, in ``x``'s layout.
+* ``bnrewrite::fused_bn_backward(dy, x, mean, var, weight, offsets, <same config>, eps)
+  -> (dx, dgamma, dbeta)``.
+
+Both carry fake (meta) implementations, so ``torch.compile`` traces them as opaque nodes, and the
+forward has ``register_autograd`` with the backward op. The sample set is rebuilt inside the op
+from ``bnrewrite.plan.sample_plan`` and the ``offsets`` that the caller drew with
+``bnrewrite.estimators.draw_offsets`` -- the same plan and the same draw as the torch path, so
+fixed and seeded sampling give identical sample sets.
+
+The gradient (``A`` the sample set of a channel, ``n = |A|``, ``r = rsqrt(var + eps)``,
+``s = w * r``, ``xhat = (x - mu) * r``, ``y = xhat * w + b``; sums without a set run over all
+elements of the channel):
+
+    dbeta  = sum dy                      dgamma = sum dy * xhat
+    dL/dmu  = sum dy * dy/dmu = -s * dbeta
+    dL/dvar = sum dy * w * (x - mu) * dr/dvar = -(1/2) r^2 * w * dgamma
+    dmu/dx_a = [a in A] / n              dvar/dx_a = [a in A] * 2 (x_a - mu) / n
+    (the mu-dependence of var drops out because sum_A (x - mu) = 0)
+
+    dL/dx_a = s * dy_a + [a in A] * (dL/dmu / n + dL/dvar * 2 (x_a - mu) / n)
+            = s * dy_a - [a in A] * (s / n) * (dbeta + xhat_a * dgamma)
+
+so one pass over everything writes ``s * dy`` and reduces ``dbeta``, ``dgamma``; a fix-up over the
+sample (``n`` elements per channel) rewrites ``dx_a = s * (dy_a - (dbeta + xhat_a * dgamma) / n)``.
+With ``A`` = everything this is PyTorch's BatchNorm backward. The ``mean``/``var`` outputs feed the
+running statistics only (under ``no_grad``); gradients flowing into them are not supported and are
+ignored (they are marked non-differentiable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import SamplingConfig
+from ..estimators import draw_offsets, sampled_batch_norm, update_running_stats
+from ..plan import SamplePlan, sample_plan
+
+__all__ = [
+    "fused_sampled_batch_norm",
+    "fused_bn_forward",
+    "fused_bn_backward",
+    "kernels_available",
+    "can_use_kernels",
+    "interpreter_enabled",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# availability
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def _triton_kernels() -> Any:
+    """The kernels module, or ``None`` when Triton does not import."""
+    try:
+        from . import triton_kernels
+    except Exception:  # pragma: no cover - no triton
+        return None
+    return triton_kernels
+
+
+def kernels_available() -> bool:
+    """True when Triton imports (kernels can run on CUDA, or on the CPU under the interpreter)."""
+    return _triton_kernels() is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when the kernels were built under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
+    mod = _triton_kernels()
+    if mod is None:
+        return False
+    return type(mod.normalize_kernel).__name__ == "InterpretedFunction"
+
+
+def can_use_kernels(x: Tensor, config: SamplingConfig | None = None) -> bool:
+    """Whether :func:`fused_sampled_batch_norm` runs ``x`` through the kernels.
+
+    Needs Triton, a float16/bfloat16/float32 input with 0 to 3 spatial dims, and either a CUDA
+    tensor or a CPU tensor with the kernels built under ``TRITON_INTERPRET=1`` (tests). Set
+    ``BNREWRITE_KERNELS=0`` to force the torch path.
+    """
+    if os.environ.get("BNREWRITE_KERNELS", "1") == "0":
+        return False
+    if x.dtype not in _DTYPES or not (2 <= x.dim() <= 5) or x.numel() == 0:
+        return False
+    if not kernels_available():
+        return False
+    if x.device.type == "cuda":
+        return not interpreter_enabled()
+    return x.device.type == "cpu" and interpreter_enabled()
+
+
+# --------------------------------------------------------------------------------------------
+# launch plan: the sample plan turned into kernel arguments
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One part of the sample set, enumerated by the sample kernels."""
+
+    total: int  # sample rows of this part: rows_count * m0 * m1 * m2
+    row_base: int
+    row_mod: int
+    m: tuple[int, int, int]
+    st: tuple[int, int, int]
+    off_cols: tuple[int, int, int, int]  # row, s0, s1, s2 (-1: no offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    plan: SamplePlan
+    N: int
+    C: int
+    L: int
+    S: tuple[int, int, int]
+    G: int
+    A: int
+    n: int
+    parts: tuple[_Part, ...]
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(
+    shape: tuple[int, ...],
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+) -> _Launch:
+    cfg = SamplingConfig(
+        method=method, ratio=ratio, groups=groups, sampling=sampling, vdn_samples=vdn_samples
+    )
+    plan = sample_plan(shape, cfg)
+    N, C = shape[0], shape[1]
+    spatial = tuple(shape[2:])
+    if len(spatial) > 3:
+        raise ValueError(f"fused kernels support up to 3 spatial dims, got shape {shape}")
+    S = spatial + (1,) * (3 - len(spatial))
+    L = math.prod(spatial)
+    parts: list[_Part] = []
+    R = plan.real_rows
+    if plan.include_real and R > 0:
+        rows_count, off_r = R, -1
+        m = list(S)
+        st = [1, 1, 1]
+        offc = [-1, -1, -1]
+        for col, ax in enumerate(plan.axes):
+            if ax.axis == 0:
+                rows_count = ax.count
+                off_r = col if plan.random else -1
+            else:
+                i = ax.axis - 2
+                m[i], st[i] = ax.count, ax.step
+                offc[i] = col if plan.random else -1
+        total = rows_count * math.prod(m)
+        parts.append(_Part(total, 0, R, tuple(m), tuple(st), (off_r, *offc)))
+    if plan.virtual_rows:
+        V = plan.virtual_rows
+        parts.append(_Part(V * L, R, V, S, (1, 1, 1), (-1, -1, -1, -1)))
+    return _Launch(plan, N, C, L, S, plan.groups, max(1, len(plan.axes)), plan.count(), tuple(parts))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: few programs, big tiles
+
+
+def _dummy_offsets(device: torch.device) -> Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------
+def _is_channels_last(t: Tensor) -> bool:
+    """``t`` is a ``(rows, C)`` matrix: element ``(n, c, l)`` at ``(n*L + l)*C + c``."""
+    N, C = t.shape[0], t.shape[1]
+    spatial = t.shape[2:]
+    expected = 1
+    if C != 1 and t.stride(1) != 1:
+        return False
+    expected = C
+    for size, stride in reversed(list(zip(spatial, t.stride()[2:]))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return N == 1 or t.stride(0) == expected
+
+
+def _canonical(t: Tensor) -> tuple[Tensor, bool]:
+    """``t`` in one of the two layouts the kernels read (a copy only for other strides)."""
+    if _is_channels_last(t):
+        return t, True
+    return t.contiguous(), False
+
+
+def _as_layout(t: Tensor, cl: bool) -> Tensor:
+    """``t`` in the given layout (copying if needed)."""
+    if cl:
+        if _is_channels_last(t):
+            return t
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+def _empty(shape: tuple[int, ...], cl: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if cl:
+        perm = (shape[0], *shape[2:], shape[1])
+        return torch.empty(perm, dtype=dtype, device=device).movedim(-1, 1)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _out_layout(x: Tensor) -> bool:
+    return _is_channels_last(x)
+
+
+# --------------------------------------------------------------------------------------------
+# block shapes
+# --------------------------------------------------------------------------------------------
+_TILE = 4096  # elements per tile of the whole-tensor kernels
+
+
+def _dense_blocks(C: int, rows: int, cl: bool) -> tuple[int, int, int]:
+    """``(BLOCK_L, BLOCK_C, num_warps)`` of the whole-tensor kernels."""
+    if cl:
+        bc = min(128, _np2(C))
+        bl = max(1, min(_TILE // bc, _np2(rows)))
+    else:
+        bl = min(256, _np2(rows))
+        bc = max(1, min(_np2(C), _TILE // bl))
+    return bl, bc, 8 if bl * bc >= 4096 else 4
+
+
+def _sample_blocks(C: int, total: int, cl: bool) -> tuple[int, int]:
+    bc = min(64 if cl else 16, _np2(C))
+    bs = max(1, min(2048 // bc, _np2(total)))
+    return bs, bc
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dense_geometry(lp: _Launch, cl: bool) -> tuple[int, int, int, int, int, int]:
+    """``(L_eff, LB, n_tiles, BLOCK_L, BLOCK_C, num_warps)``; CL collapses ``(N, L)`` into rows."""
+    L_eff = lp.N * lp.L if cl else lp.L
+    bl, bc, nw = _dense_blocks(lp.C, L_eff, cl)
+    LB = _cdiv(L_eff, bl)
+    n_tiles = LB if cl else LB * lp.N
+    return L_eff, LB, n_tiles, bl, bc, nw
+
+
+# --------------------------------------------------------------------------------------------
+# implementations
+# --------------------------------------------------------------------------------------------
+def _forward_impl(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    tk = _triton_kernels()
+    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
+    x, cl = _canonical(x)
+    dev, C = x.device, lp.C
+    off = offsets.contiguous() if offsets is not None else _dummy_offsets(dev)
+    sms = _num_sms(dev)
+    launches = []
+    P_total = 0
+    for part in lp.parts:
+        bs, bc = _sample_blocks(C, part.total, cl)
+        cb = _cdiv(C, bc)
+        n_tiles = _cdiv(part.total, bs)
+        progs = max(1, min(n_tiles, (4 * sms) // cb))
+        tpp = _cdiv(n_tiles, progs)
+        progs = _cdiv(n_tiles, tpp)
+        launches.append((part, bs, bc, cb, tpp, progs, P_total))
+        P_total += progs
+    partials = torch.empty((3, P_total, C), dtype=torch.float32, device=dev)
+    for part, bs, bc, cb, tpp, progs, base in launches:
+        o = part.off_cols
+        tk.sample_stats_kernel[(progs, cb)](
+            x, off, partials[0], partials[1], partials[2],
+            C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
+            *lp.S, *part.m, *part.st, tpp, base,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl,
+            BLOCK_S=bs, BLOCK_C=bc, num_warps=4,
+        )  # fmt: skip
+    # separate allocations: custom-op outputs must not alias each other
+    mean = torch.empty((C,), dtype=torch.float32, device=dev)
+    var = torch.empty((C,), dtype=torch.float32, device=dev)
+    scale = torch.empty((C,), dtype=torch.float32, device=dev)
+    bc = min(64, _np2(C))
+    bp = max(1, min(4096 // bc, _np2(P_total)))
+    w = weight if weight is not None else scale
+    tk.finalize_stats_kernel[(_cdiv(C, bc),)](
+        partials[0], partials[1], partials[2], w, mean, var, scale,
+        P_total, C, eps, HAS_W=weight is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
+    )  # fmt: skip
+    y = _empty(tuple(x.shape), cl, x.dtype, dev)
+    L_eff, LB, n_tiles, bl, bc, nw = _dense_geometry(lp, cl)
+    b = bias if bias is not None else scale
+    tk.normalize_kernel[(n_tiles, _cdiv(C, bc))](
+        x, y, mean, scale, b, C, L_eff, LB, n_tiles,
+        CL=cl, HAS_B=bias is not None, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+    )  # fmt: skip
+    return y, mean, var
+
+
+def _backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    tk = _triton_kernels()
+    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
+    x, cl = _canonical(x)
+    dy = _as_layout(dy, cl)
+    dev, C = x.device, lp.C
+    mean, var = mean.contiguous(), var.contiguous()
+    off = offsets.contiguous() if offsets is not None else _dummy_offsets(dev)
+    sms = _num_sms(dev)
+    dx = _empty(tuple(x.shape), cl, x.dtype, dev)
+    L_eff, LB, n_tiles, bl, bc, nw = _dense_geometry(lp, cl)
+    cb = _cdiv(C, bc)
+    progs = max(1, min(n_tiles, (8 * sms) // cb))
+    tpp = _cdiv(n_tiles, progs)
+    progs = _cdiv(n_tiles, tpp)
+    partials = torch.empty((2, progs, C), dtype=torch.float32, device=dev)
+    w = weight if weight is not None else mean
+    has_w = weight is not None
+    tk.bwd_main_kernel[(progs, cb)](
+        x, dy, dx, mean, var, w, partials[0], partials[1],
+        C, L_eff, LB, n_tiles, tpp, eps,
+        CL=cl, HAS_W=has_w, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+    )  # fmt: skip
+    db = torch.empty((C,), dtype=torch.float32, device=dev)
+    dg = torch.empty((C,), dtype=torch.float32, device=dev)
+    rbc = min(64, _np2(C))
+    rbp = max(1, min(4096 // rbc, _np2(progs)))
+    tk.reduce_partials_kernel[(_cdiv(C, rbc),)](
+        partials[0], partials[1], db, dg, progs, C,
+        BLOCK_P=rbp, BLOCK_C=rbc, num_warps=4,
+    )  # fmt: skip
+    inv_n = 1.0 / lp.n
+    for part in lp.parts:
+        bs, sbc = _sample_blocks(C, part.total, cl)
+        scb = _cdiv(C, sbc)
+        s_tiles = _cdiv(part.total, bs)
+        sprogs = max(1, min(s_tiles, (8 * sms) // scb))
+        stpp = _cdiv(s_tiles, sprogs)
+        sprogs = _cdiv(s_tiles, stpp)
+        o = part.off_cols
+        tk.bwd_fixup_kernel[(sprogs, scb)](
+            x, dy, dx, off, mean, var, w, db, dg, inv_n, eps,
+            C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
+            *lp.S, *part.m, *part.st, stpp,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, HAS_W=has_w,
+            BLOCK_S=bs, BLOCK_C=sbc, num_warps=4,
+        )  # fmt: skip
+    return dx, dg, db
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("bnrewrite::fused_bn_forward", mutates_args=())
+def fused_bn_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampled statistics and normalisation (see the module docstring)."""
+    return _forward_impl(
+        x, weight, bias, offsets, method, ratio, groups, sampling, vdn_samples, eps
+    )
+
+
+@fused_bn_forward.register_fake
+def _forward_fake(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    cl = _out_layout(x)
+    C = x.shape[1]
+    y = _empty(tuple(x.shape), cl, x.dtype, x.device)
+    return y, x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+
+
+@torch.library.custom_op("bnrewrite::fused_bn_backward", mutates_args=())
+def fused_bn_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dgamma, dbeta)`` of :func:`fused_bn_forward` (dgamma, dbeta in float32)."""
+    return _backward_impl(
+        dy, x, mean, var, weight, offsets, method, ratio, groups, sampling, vdn_samples, eps
+    )
+
+
+@fused_bn_backward.register_fake
+def _backward_fake(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    offsets: Tensor | None,
+    method: str,
+    ratio: float,
+    groups: int,
+    sampling: str,
+    vdn_samples: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    cl = _out_layout(x)
+    C = x.shape[1]
+    dx = _empty(tuple(x.shape), cl, x.dtype, x.device)
+    return dx, x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, offsets, method, ratio, groups, sampling, vdn_samples, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, offsets, mean, var)
+    ctx.config = (method, ratio, groups, sampling, vdn_samples, eps)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+    x, weight, offsets, mean, var = ctx.saved_tensors
+    dx, dg, db = fused_bn_backward(dy, x, mean, var, weight, offsets, *ctx.config)
+    dw = dg.to(weight.dtype) if weight is not None else None
+    dbias = db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None
+    return dx, dw, dbias, None, None, None, None, None, None, None
+
+
+fused_bn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# the public function
+# --------------------------------------------------------------------------------------------
+def fused_sampled_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    config: SamplingConfig | dict[str, Any] | str | None = None,
+) -> Tensor:
+    """:func:`bnrewrite.sampled_batch_norm` through the fused kernels when they apply.
+
+    Same contract. Runs the Triton kernels for CUDA inputs (and CPU inputs under
+    ``TRITON_INTERPRET=1``, see :func:`can_use_kernels`), else the pure-torch estimator. Offsets are
+    drawn by :func:`bnrewrite.estimators.draw_offsets` exactly as the torch path does, so the same
+    RNG state (or seed) gives the same sample set.
+    """
+    cfg = SamplingConfig.coerce(config)
+    if not training or not can_use_kernels(input, cfg):
+        return sampled_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
+        )
+    plan = sample_plan(tuple(input.shape), cfg)
+    n = plan.count()
+    if isinstance(n, int) and n <= 1:  # same error as the reference
+        return sampled_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
+        )
+    offsets = draw_offsets(plan, input.device, cfg.seed)
+    y, mean, var = fused_bn_forward(
+        input,
+        weight,
+        bias,
+        offsets,
+        cfg.method,
+        float(cfg.ratio),
+        int(cfg.groups),
+        cfg.sampling,
+        int(cfg.vdn_samples),
+        float(eps),
+    )
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    return y
+
