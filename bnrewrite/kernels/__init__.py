@@ -7,8 +7,12 @@ under ``TRITON_INTERPRET=1``, for tests). Design and byte counts: ``docs/kernels
 
 from __future__ import annotations
 
-from .modules import FusedSampledBatchNorm1d, FusedSampledBatchNorm2d, FusedSampledBatchNorm3d
-from .modules import convert_fused_
+from .modules import (
+    FusedSampledBatchNorm1d,
+    FusedSampledBatchNorm2d,
+    FusedSampledBatchNorm3d,
+    convert_fused_,
+)
 from .ops import (
     can_use_kernels,
     fused_bn_backward,

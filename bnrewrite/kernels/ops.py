@@ -177,7 +177,9 @@ def _launch_plan(
     if plan.virtual_rows:
         V = plan.virtual_rows
         parts.append(_Part(V * L, R, V, S, (1, 1, 1), (-1, -1, -1, -1)))
-    return _Launch(plan, N, C, L, S, plan.groups, max(1, len(plan.axes)), plan.count(), tuple(parts))
+    return _Launch(
+        plan, N, C, L, S, plan.groups, max(1, len(plan.axes)), plan.count(), tuple(parts)
+    )
 
 
 @functools.cache
@@ -550,4 +552,3 @@ def fused_sampled_batch_norm(
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return y
-
