@@ -1,0 +1,237 @@
+"""bnrewrite for ONNX: train-mode export and the ``BatchNormalization`` rewrite.
+
+``rewrite(model, config)`` replaces every training-mode ``BatchNormalization`` of an ONNX model by
+the sampled-estimation subgraph of :mod:`bnrewrite.passes.onnx_sampled_batchnorm` (standard ONNX
+ops; the math of :func:`bnrewrite.sampled_batch_norm`, the sample set of
+:func:`bnrewrite.plan.sample_plan`). ``export(model, args, f, config)`` exports a torch module in
+training mode with its BatchNorm kept as training BN, and rewrites it when a config is given.
+
+Pipeline of ``rewrite``: (1) inline the model-local functions that contain a
+``BatchNormalization`` (function bodies carry no shapes), (2) ONNX shape inference (the rule needs
+static input shapes), (3) the rule set, one rule per output count, on the main graph and every
+control-flow subgraph. See ``docs/onnx.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import IO, Any, TypeVar
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from ..config import SamplingConfig
+from ..passes.onnx_sampled_batchnorm import (
+    ONNX_UNSUPPORTED_METHODS,
+    RewriteReport,
+    sampled_batchnorm_rules,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "RewriteReport",
+    "declare_running_stats_outputs",
+    "export",
+    "rewrite",
+    "rewrite_with_report",
+    "write_model_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Opset of ``export``: 14+ has ``BatchNormalization(training_mode=1)`` with three outputs.
+DEFAULT_OPSET = 17
+
+ModelT = TypeVar("ModelT", onnx.ModelProto, ir.Model)
+
+
+def _coerce_config(config: Any) -> SamplingConfig:
+    cfg = SamplingConfig.coerce(config)
+    if cfg.method in ONNX_UNSUPPORTED_METHODS:
+        raise ValueError(
+            f"method {cfg.method!r} is not supported by the ONNX rewrite: virtual rows must be "
+            f"carried through the whole network, which only the torch pass (bnrewrite.rewrite) "
+            f"does; use 'bs' or 'fs' for ONNX"
+        )
+    return cfg
+
+
+def _has_batchnorm(function: ir.Function) -> bool:
+    return any(
+        node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+        for node in ir.traversal.RecursiveGraphIterator(function)
+    )
+
+
+def _rewrite_ir(model: ir.Model, cfg: SamplingConfig) -> RewriteReport:
+    if any(_has_batchnorm(f) for f in model.functions.values()):
+        ir_common.InlinePass(criteria=_has_batchnorm)(model)
+    ir_common.ShapeInferencePass(strict_mode=False)(model)
+    report = RewriteReport()
+    # Unused outputs of the old node (running statistics the exporter left dangling) keep their
+    # names and computations, as in the original graph: no dead-node removal here.
+    sampled_batchnorm_rules(cfg, report).apply_to_model(model)
+    logger.info("bnrewrite.onnx: %s", report.summary())
+    return report
+
+
+def rewrite_with_report(
+    model: ModelT, config: SamplingConfig | Mapping[str, Any] | str | None = None
+) -> tuple[ModelT, RewriteReport]:
+    """``rewrite`` that also returns the report (rewritten node names, skipped nodes and why)."""
+    cfg = _coerce_config(config)
+    if isinstance(model, onnx.ModelProto):
+        model_ir = ir.serde.deserialize_model(model)
+        report = _rewrite_ir(model_ir, cfg)
+        return ir.serde.serialize_model(model_ir), report
+    if isinstance(model, ir.Model):
+        return model, _rewrite_ir(model, cfg)
+    raise ValueError(
+        f"model must be an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}"
+    )
+
+
+def rewrite(
+    model: ModelT, config: SamplingConfig | Mapping[str, Any] | str | None = None
+) -> ModelT:
+    """Rewrite every training-mode ``BatchNormalization`` of ``model`` with sampled statistics.
+
+    Takes an ``onnx.ModelProto`` (not modified; a new proto is returned) or an ``onnx_ir.Model``
+    (rewritten in place and returned). Inference BN is left alone; nodes that cannot be rewritten
+    (dynamic shapes, ...) are skipped and logged -- use :func:`rewrite_with_report` to get them.
+    """
+    return rewrite_with_report(model, config)[0]
+
+
+@contextlib.contextmanager
+def _training_mode_preserved(module: Any):
+    """Export in train mode, then restore the mode and every buffer the trace updated."""
+    import torch
+
+    was_training = module.training
+    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    module.train()
+    try:
+        yield saved
+    finally:
+        module.train(was_training)
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name])
+
+
+def _restore_initializers(proto: onnx.ModelProto, saved: Mapping[str, Any]) -> None:
+    """The trace ran one training step: put the pre-export buffer values back into the model."""
+    for index, init in enumerate(proto.graph.initializer):
+        if init.name in saved:
+            array = saved[init.name].cpu().numpy()
+            proto.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+
+
+def declare_running_stats_outputs(proto: onnx.ModelProto) -> list[str]:
+    """Declare the running-statistics outputs of every training BN of the main graph as graph
+    outputs (type and shape from the running-statistics inputs). Returns their names."""
+    declared = {o.name for o in proto.graph.output}
+    types = {v.name: v for v in [*proto.graph.input, *proto.graph.value_info]}
+    inits = {i.name: i for i in proto.graph.initializer}
+    names: list[str] = []
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        for out, src in zip(node.output[1:3], node.input[3:5]):
+            if not out or out in declared:
+                continue
+            if src in inits:
+                info = onnx.helper.make_tensor_value_info(
+                    out, inits[src].data_type, list(inits[src].dims)
+                )
+            elif src in types:
+                info = onnx.helper.ValueInfoProto()
+                info.CopyFrom(types[src])
+                info.name = out
+            else:
+                info = onnx.helper.make_empty_tensor_value_info(out)
+            proto.graph.output.append(info)
+            declared.add(out)
+            names.append(out)
+    return names
+
+
+def write_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write ``proto`` to ``path`` through a temporary file in the same directory (no partial file)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".bnrewrite-", suffix=".onnx.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export(
+    model: Any,
+    args: Any,
+    f: str | os.PathLike[str] | IO[bytes],
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    opset: int = DEFAULT_OPSET,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    running_stats_outputs: bool = False,
+) -> onnx.ModelProto:
+    """Export ``model`` in training mode with training ``BatchNormalization``, rewritten if ``config``.
+
+    Uses torch's TorchScript ("legacy") exporter with ``training=TrainingMode.TRAINING`` and no
+    constant folding: torch's default (dynamo) exporter ignores ``training=`` and emits inference
+    BN folded into the Conv. The trace runs the module once in train mode, which updates the BN
+    buffers; the module's mode and buffers are restored afterwards and the exported running
+    statistics are the values from before the call. ``f`` is a path (written atomically) or a
+    binary file object. Returns the written ``ModelProto``.
+
+    The exporter leaves the updated running statistics of each BN as unused node outputs;
+    ``running_stats_outputs=True`` declares them as graph outputs (after the model's outputs, two
+    per BN in graph order: running mean, running variance), so that a runtime returns them.
+    """
+    import torch
+
+    cfg = None if config is None else _coerce_config(config)
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    buffer = io.BytesIO()
+    with _training_mode_preserved(model) as saved, warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        torch.onnx.export(
+            model,
+            tuple(args),
+            buffer,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.TRAINING,
+            do_constant_folding=False,
+            opset_version=opset,
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _restore_initializers(proto, saved)
+    if running_stats_outputs:
+        declare_running_stats_outputs(proto)
+    if cfg is not None:
+        proto, report = rewrite_with_report(proto, cfg)
+        logger.info("bnrewrite.onnx.export: %s", report.summary())
+    if isinstance(f, (str, os.PathLike)):
+        write_model_atomic(proto, f)
+    else:
+        f.write(proto.SerializeToString())
+    return proto

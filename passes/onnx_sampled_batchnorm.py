@@ -1,0 +1,325 @@
+"""ONNX rule: training-mode ``BatchNormalization`` -> sampled-estimation subgraph of standard ops.
+
+A lowering of :func:`bnrewrite.estimators.sampled_batch_norm`; the sample set comes from
+:func:`bnrewrite.plan.sample_plan` (sizes, steps, groups), nothing is re-derived here. For
+``X`` of static shape ``(N, C, *S)``, the plan's sampled axes, ``n = plan.count()`` and the node's
+``epsilon`` and ``momentum`` (ONNX's convention: the weight of the *old* running value):
+
+    A        = sample of X                          (Slice / Gather / GatherElements, below)
+    mu       = ReduceMean(A, axes=[0, 2, ...])      (keepdims; float32 for float16/bfloat16 X)
+    var      = ReduceMean((A - mu)^2, same axes)    (biased, over the sample set only)
+    Y        = (X - mu) * (Reciprocal(Sqrt(var + eps)) * scale) + B     (the *whole* tensor)
+    rm_out   = input_mean * momentum + mu  * (1 - momentum)
+    rv_out   = input_var  * momentum + var * (1 - momentum)
+
+Running statistics keep the semantics of the original node: ONNX's training ``BatchNormalization``
+(opset 14+, and the opset 9-13 five-output form) updates ``running_var`` with the **biased**
+variance, whereas PyTorch's ``BatchNorm`` uses ``var * n / (n - 1)``; a model exported from torch
+therefore drifts from torch's buffers by that factor, as the unrewritten ONNX model does. The
+opset 9-13 outputs ``saved_mean`` and ``saved_var`` are ``mu`` and ``1 / sqrt(var + eps)``: the
+spec calls the latter "saved variance" without a formula; onnxruntime (and torch's
+``native_batch_norm``) return the inverse standard deviation there, and we keep that.
+
+Sample set (the estimator's ``gather_sample``):
+
+1. ``full``: ``A = X``.
+2. ``fixed`` sampling: ``Slice`` each sampled axis to ``[0, count)``: the first ``k`` rows
+   (``ns``/``bs``) or the top-left patch (``fs``).
+3. ``random`` sampling: ``U = RandomUniform(shape=[R, G, A], dtype=double, seed)``, offsets
+   ``o = min(floor(U * size), size - 1)`` (int64), and along each sampled axis indices
+   ``idx = (o + step * j) mod size`` of shape ``(R, G, count)``. With one group and one offset row
+   this is a ``Gather``; otherwise ``idx`` is taken per channel (``Gather`` over the group of
+   channel ``c``, ``c * G // C``), reshaped to broadcast over the other axes, expanded and fed to
+   ``GatherElements`` -- the same index tensor torch's ``gather`` uses. ``R`` is
+   ``plan.offset_rows`` (every row draws its own spatial phase for ``fs``).
+
+``seed`` becomes the ``seed`` attribute of the ``RandomUniform`` of the ``i``-th rewritten node,
+``(seed + 7919 * i) mod 2**24`` (exact in float32, distinct per layer). onnxruntime seeds each
+random kernel once per session: a seeded model gives the same sequence of samples in every new
+session, and new samples at every run within one.
+
+Cases (``check`` declines, with a reason, everything else):
+
+1. opset >= 14, ``training_mode=1``, 1 to 3 outputs.
+2. opset 9-13 with more than one output (the training form), 2 to 5 outputs.
+3. Declined: inference BN (``training_mode=0`` / single output at opset 9-13), opset < 9 forms,
+   input shape or dtype unknown or not static, sample sets of one element per channel, random
+   sampling at opset < 11 (no ``GatherElements``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
+
+from ..config import SamplingConfig
+from ..plan import SamplePlan, sample_plan
+
+__all__ = [
+    "ONNX_UNSUPPORTED_METHODS",
+    "RewriteReport",
+    "SampledBatchNormRule",
+    "sampled_batchnorm_rules",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Methods the ONNX rule refuses: VDN needs virtual rows carried through the whole network.
+ONNX_UNSUPPORTED_METHODS = ("vdn", "fs_vdn")
+
+_ACCUMULATE = {
+    ir.DataType.FLOAT16: ir.DataType.FLOAT,
+    ir.DataType.BFLOAT16: ir.DataType.FLOAT,
+    ir.DataType.FLOAT: ir.DataType.FLOAT,
+    ir.DataType.DOUBLE: ir.DataType.DOUBLE,
+}
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """What one rewrite did: the rewritten nodes and the skipped ones with their reasons."""
+
+    rewritten: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"rewrote {len(self.rewritten)} BatchNormalization node(s), skipped {len(self.skipped)}"
+        )
+        if self.skipped:
+            text += " (" + "; ".join(f"{name}: {why}" for name, why in self.skipped) + ")"
+        return text
+
+
+def _opset(context: Any) -> int:
+    model = context.model
+    version = model.opset_imports.get("")
+    if version is None:
+        version = model.opset_imports.get("ai.onnx", 1)
+    return int(version)
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _const(op: Any, array: Any, dtype: Any) -> ir.Value:
+    return op.Constant(value=ir.tensor(np.asarray(array, dtype=dtype)))
+
+
+def _reduce_mean(op: Any, x: ir.Value, axes: Sequence[int], opset: int) -> ir.Value:
+    if opset >= 18:
+        return op.ReduceMean(x, _const(op, list(axes), np.int64), keepdims=1)
+    return op.ReduceMean(x, axes=list(axes), keepdims=1)
+
+
+def _slice(op: Any, x: ir.Value, axis: int, start: int, end: int, opset: int) -> ir.Value:
+    if opset >= 10:
+        return op.Slice(
+            x,
+            _const(op, [start], np.int64),
+            _const(op, [end], np.int64),
+            _const(op, [axis], np.int64),
+        )
+    return op.Slice(x, starts=[start], ends=[end], axes=[axis])
+
+
+def _reshape(op: Any, x: ir.Value, shape: Sequence[int]) -> ir.Value:
+    return op.Reshape(x, _const(op, list(shape), np.int64))
+
+
+def _random_sample(
+    op: Any, x: ir.Value, plan: SamplePlan, seed: float | None, opset: int
+) -> ir.Value:
+    """Mirror of ``estimators.draw_offsets`` + ``gather_sample`` with in-graph random offsets."""
+    rows, groups, n_axes = int(plan.offset_rows), int(plan.groups), len(plan.axes)
+    channels = int(plan.shape[1])
+    attrs: dict[str, Any] = {"dtype": int(ir.DataType.DOUBLE), "shape": [rows, groups, n_axes]}
+    if seed is not None:
+        attrs["seed"] = seed
+    u = op.RandomUniform(**attrs)
+    sizes = [int(ax.size) for ax in plan.axes]
+    off = op.Cast(op.Floor(op.Mul(u, _const(op, sizes, np.float64))), to=int(ir.DataType.INT64))
+    off = op.Min(off, _const(op, [s - 1 for s in sizes], np.int64))  # (R, G, A)
+    shape = list(int(d) for d in plan.shape)
+    sample = x
+    for i, ax in enumerate(plan.axes):
+        count, size, step = int(ax.count), int(ax.size), int(ax.step)
+        col = _slice(op, off, 2, i, i + 1, opset)  # (R, G, 1)
+        idx = op.Add(col, _const(op, [step * j for j in range(count)], np.int64))
+        size_c = _const(op, size, np.int64)
+        idx = op.Sub(idx, op.Mul(op.Div(idx, size_c), size_c))  # mod size, idx >= 0
+        if groups == 1 and rows == 1:
+            sample = op.Gather(sample, _reshape(op, idx, [count]), axis=ax.axis)
+            shape[ax.axis] = count
+            continue
+        width = 1
+        if groups > 1:
+            group_of = [c * groups // channels for c in range(channels)]
+            idx = op.Gather(idx, _const(op, group_of, np.int64), axis=1)  # (R, C, count)
+            width = channels
+        if ax.axis == 0:  # rows: (1, C', k) -> (k, C', 1, ...)
+            idx = op.Transpose(_reshape(op, idx, [width, count]), perm=[1, 0])
+            idx_shape = [count, width] + [1] * (len(shape) - 2)
+        else:
+            idx_shape = [rows, width] + [1] * (len(shape) - 2)
+            idx_shape[ax.axis] = count
+        shape[ax.axis] = count
+        idx = op.Expand(_reshape(op, idx, idx_shape), _const(op, shape, np.int64))
+        sample = op.GatherElements(sample, idx, axis=ax.axis)
+    return sample
+
+
+class _NamedOps:
+    """Wraps the rewriter's ``op`` builder so that every new value gets a model-wide unique name.
+
+    The rewriter's default names (``val_0``, ...) are unique per graph only; onnxruntime wants one
+    name space across a graph and its subgraphs (a BN rewritten inside an ``If`` branch and one in
+    the main graph would both make ``val_0``).
+    """
+
+    def __init__(self, op: Any, prefix: str) -> None:
+        self._op, self._prefix, self._count = op, prefix, 0
+
+    def __getattr__(self, op_type: str) -> Any:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            self._count += 1
+            kwargs.setdefault("_outputs", [f"{self._prefix}/{op_type}_{self._count}"])
+            return getattr(self._op, op_type)(*args, **kwargs)
+
+        return make
+
+
+class SampledBatchNormRule(RewriteRuleClassBase):
+    """Training ``BatchNormalization`` with ``num_outputs`` outputs -> sampled statistics."""
+
+    def __init__(self, config: SamplingConfig, num_outputs: int, report: RewriteReport) -> None:
+        super().__init__(name=f"SampledBatchNorm{num_outputs}", remove_nodes=True)
+        self.config = config
+        self.num_outputs = num_outputs
+        self.report = report
+        self._opset = 0  # set by ``check``, which runs right before ``rewrite``
+
+    def pattern(self, op: Any, x: Any, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
+        return op.BatchNormalization(
+            x, scale, bias, mean, var, _outputs=[f"out{i}" for i in range(self.num_outputs)]
+        )
+
+    def _decline(self, node: ir.Node, reason: str) -> MatchResult:
+        self.report.skipped.append((node.name or "<unnamed>", reason))
+        logger.info("skip BatchNormalization %s: %s", node.name, reason)
+        return MatchResult().fail(reason, node)
+
+    def check(self, context: Any, x: ir.Value, **_: Any) -> MatchResult:
+        node = context.root
+        if len(node.outputs) != self.num_outputs:
+            return MatchResult().fail("another rule handles this output count")
+        opset = _opset(context)
+        if opset < 9:
+            return self._decline(node, f"opset {opset} < 9 (is_test/spatial forms) not supported")
+        if opset >= 14:
+            if not _attr(node, "training_mode", 0):
+                return self._decline(node, "inference mode (training_mode=0)")
+        elif len(node.outputs) < 2:
+            return self._decline(node, "inference mode (single output)")
+        if x.dtype not in _ACCUMULATE:
+            return self._decline(node, f"input dtype {x.dtype} unknown or not floating point")
+        if x.shape is None or not x.shape.is_static():
+            return self._decline(
+                node,
+                f"input shape {x.shape} is unknown or not static; export with fixed input shapes",
+            )
+        shape = tuple(int(d) for d in x.shape)
+        if len(shape) < 2:
+            return self._decline(node, f"input shape {shape} has fewer than 2 dims")
+        plan = sample_plan(shape, self.config)
+        if plan.count() <= 1:
+            return self._decline(
+                node, f"sample set has {plan.count()} element per channel; use a larger ratio"
+            )
+        if plan.random and opset < 11:
+            return self._decline(
+                node, f"random sampling needs GatherElements (opset >= 11), model has {opset}"
+            )
+        self._opset = opset
+        return MatchResult()
+
+    def rewrite(
+        self,
+        op: Any,
+        x: ir.Value,
+        scale: ir.Value,
+        bias: ir.Value,
+        mean: ir.Value,
+        var: ir.Value,
+        **outs: ir.Value,
+    ) -> Any:
+        node = outs["out0"].producer()
+        opset = self._opset
+        shape = tuple(int(d) for d in x.shape)
+        plan = sample_plan(shape, self.config)
+        eps = float(_attr(node, "epsilon", 1e-5))
+        momentum = float(_attr(node, "momentum", 0.9))
+        acc = _ACCUMULATE[x.dtype]
+        np_acc = np.float64 if acc == ir.DataType.DOUBLE else np.float32
+        rank, channels = len(shape), shape[1]
+        axes = [0, *range(2, rank)]
+        bshape = [1, channels] + [1] * (rank - 2)
+
+        index = len(self.report.rewritten)  # shared by the rules of one rewrite
+        self.report.rewritten.append(node.name or "<unnamed>")
+        logger.info("rewrite BatchNormalization %s (plan %s)", node.name, plan)
+
+        op = _NamedOps(op, f"{node.name or 'BatchNormalization'}/bnrewrite{index}")
+        xa = x if acc == x.dtype else op.Cast(x, to=int(acc))
+        if plan.random:
+            seed = None
+            if self.config.seed is not None:
+                seed = float((self.config.seed + 7919 * index) % (1 << 24))
+            sample = _random_sample(op, xa, plan, seed, opset)
+        else:
+            sample = xa
+            for ax in plan.axes:
+                sample = _slice(op, sample, ax.axis, 0, int(ax.count), opset)
+        mu = _reduce_mean(op, sample, axes, opset)
+        centered = op.Sub(sample, mu)
+        var_hat = _reduce_mean(op, op.Mul(centered, centered), axes, opset)
+
+        inv_std = op.Reciprocal(op.Sqrt(op.Add(var_hat, _const(op, eps, np_acc))))
+        factor = op.Mul(inv_std, _reshape(op, self._cast(op, scale, acc), bshape))
+        y = op.Mul(op.Sub(xa, mu), factor)
+        y = op.Add(y, _reshape(op, self._cast(op, bias, acc), bshape))
+        results = [y if acc == x.dtype else op.Cast(y, to=int(x.dtype))]
+
+        if self.num_outputs == 1:
+            return results[0]
+        mu_c = _reshape(op, mu, [channels])
+        keep, new = _const(op, momentum, np_acc), _const(op, 1.0 - momentum, np_acc)
+        for old, stat in ((mean, mu), (var, var_hat))[: self.num_outputs - 1]:
+            stat_c = mu_c if stat is mu else _reshape(op, stat, [channels])
+            updated = op.Add(op.Mul(self._cast(op, old, acc), keep), op.Mul(stat_c, new))
+            results.append(self._cast(op, updated, old.dtype))
+        if self.num_outputs > 3:  # opset 9-13: saved_mean, saved_var (= inverse std, as ORT)
+            results.append(self._cast(op, mu_c, x.dtype))
+        if self.num_outputs > 4:
+            results.append(self._cast(op, _reshape(op, inv_std, [channels]), x.dtype))
+        return tuple(results)
+
+    @staticmethod
+    def _cast(op: Any, value: ir.Value, dtype: Any) -> ir.Value:
+        if dtype is None or value.dtype == dtype:
+            return value
+        return op.Cast(value, to=int(dtype))
+
+
+def sampled_batchnorm_rules(config: SamplingConfig, report: RewriteReport) -> RewriteRuleSet:
+    """The rule set: one rule per output count (5 down to 1), sharing ``report`` and seeds."""
+    return RewriteRuleSet([SampledBatchNormRule.rule(config, k, report) for k in (5, 4, 3, 2, 1)])
