@@ -20,6 +20,7 @@ from .ops import (
     fused_sampled_batch_norm,
     interpreter_enabled,
     kernels_available,
+    use_interpreter,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "can_use_kernels",
     "kernels_available",
     "interpreter_enabled",
+    "use_interpreter",
     "FusedSampledBatchNorm1d",
     "FusedSampledBatchNorm2d",
     "FusedSampledBatchNorm3d",

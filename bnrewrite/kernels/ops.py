@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import os
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "kernels_available",
     "can_use_kernels",
     "interpreter_enabled",
+    "use_interpreter",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,14 +67,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --------------------------------------------------------------------------------------------
 # availability
 # --------------------------------------------------------------------------------------------
-@functools.cache
+_KERNELS: list[Any] = []  # [module or None] once loaded (a plain global: Dynamo folds it)
+
+
 def _triton_kernels() -> Any:
     """The kernels module, or ``None`` when Triton does not import."""
-    try:
-        from . import triton_kernels
-    except Exception:  # pragma: no cover - no triton
-        return None
-    return triton_kernels
+    if not _KERNELS:
+        try:
+            from . import triton_kernels
+        except Exception:  # pragma: no cover - no triton
+            triton_kernels = None  # type: ignore[assignment]
+        _KERNELS.append(triton_kernels)
+    return _KERNELS[0]
 
 
 def kernels_available() -> bool:
@@ -86,6 +92,19 @@ def interpreter_enabled() -> bool:
     if mod is None:
         return False
     return type(mod.normalize_kernel).__name__ == "InterpretedFunction"
+
+
+def use_interpreter() -> bool:
+    """Build the kernels for Triton's CPU interpreter (tests without a GPU); process-wide.
+
+    Sets ``TRITON_INTERPRET=1`` and re-creates the kernels if they were already built for the GPU.
+    Returns :func:`interpreter_enabled`.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    mod = _triton_kernels()
+    if mod is not None and not interpreter_enabled():
+        importlib.reload(mod)
+    return interpreter_enabled()
 
 
 def can_use_kernels(x: Tensor, config: SamplingConfig | None = None) -> bool:

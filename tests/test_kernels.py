@@ -1,0 +1,341 @@
+"""The fused Triton kernels against the torch estimator (the single source of truth).
+
+On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before the kernels are built); on a CUDA machine the ``cuda`` tests run
+them compiled. Every comparison covers the output, ``dx``, ``dweight``, ``dbias`` and both running
+statistics, with fixed sampling and with identical random offsets (same RNG state or seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton's interpreter must be on before triton is first imported (its own tl.* helpers are built at
+# import). If another test imported triton earlier in this process, the interpreter cases run in a
+# subprocess (test_interpreter_subprocess) instead.
+_NEED_SUBPROCESS = (
+    not HAS_CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+)
+if not HAS_CUDA and not _NEED_SUBPROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+import bnrewrite  # noqa: E402
+from bnrewrite import SamplingConfig, sampled_batch_norm  # noqa: E402
+from bnrewrite.estimators import reset_generators  # noqa: E402
+from bnrewrite.kernels import (  # noqa: E402
+    can_use_kernels,
+    convert_fused_,
+    fused_bn_backward,
+    fused_bn_forward,
+    fused_sampled_batch_norm,
+    use_interpreter,
+)
+
+if not HAS_CUDA and not _NEED_SUBPROCESS:
+    assert use_interpreter(), "the kernels must run under the Triton interpreter on CPU"
+DEV = "cpu" if not HAS_CUDA else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_guard(request):
+    if _NEED_SUBPROCESS and request.node.originalname != "test_interpreter_subprocess":
+        pytest.skip(
+            "triton was imported without TRITON_INTERPRET; run by test_interpreter_subprocess"
+        )
+
+
+def test_interpreter_subprocess():
+    """Runs this file under TRITON_INTERPRET=1 in a fresh process when this one cannot."""
+    if not _NEED_SUBPROCESS:
+        pytest.skip("the interpreter cases run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+}
+
+
+def _input(shape, dtype=torch.float32, layout="cl", device=DEV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5 + 0.7
+    if layout == "cl":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":  # neither layout: the kernels take a copy
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x.to(device=device, dtype=dtype)
+
+
+def _run(fn, x, cfg, *, affine=True, track=True, momentum=0.1, seed=1234, grad_layout=None):
+    """Forward + backward of ``fn``; returns (y, dx, dw, db, rm, rv)."""
+    C = x.shape[1]
+    g = torch.Generator().manual_seed(7)
+    w = (torch.rand(C, generator=g) + 0.5).to(x.device) if affine else None
+    b = torch.randn(C, generator=g).to(x.device) if affine else None
+    xx = x.detach().clone().requires_grad_()
+    ww = w.clone().requires_grad_() if affine else None
+    bb = b.clone().requires_grad_() if affine else None
+    rm = torch.randn(C, generator=g).to(x.device) if track else None
+    rv = (torch.rand(C, generator=g) + 0.5).to(x.device) if track else None
+    torch.manual_seed(seed)
+    reset_generators()
+    y = fn(xx, rm, rv, ww, bb, True, momentum, 1e-5, config=cfg)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device, y.dtype)
+    if grad_layout == "nchw":
+        dy = dy.contiguous()
+    elif grad_layout == "expand":
+        dy = dy[:1].expand_as(y)
+    y.backward(dy)
+    return (
+        y,
+        xx.grad,
+        ww.grad if affine else None,
+        bb.grad if affine else None,
+        rm,
+        rv,
+    )
+
+
+def _compare(x, cfg, **kw):
+    assert can_use_kernels(x, cfg), "kernels are not used for this input"
+    ref = _run(sampled_batch_norm, x, cfg, **kw)
+    got = _run(fused_sampled_batch_norm, x, cfg, **kw)
+    tol = TOL[x.dtype]
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"]
+    for name, r, o in zip(names, ref, got):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        # low-precision outputs are compared at their own precision; fp32 statistics tightly
+        t = tol if r.dtype != torch.float32 else TOL[torch.float32]
+        if name in ("dweight", "dbias"):  # sums over the whole channel
+            t = dict(atol=t["atol"] * 20, rtol=t["rtol"])
+        torch.testing.assert_close(o, r, **t, msg=lambda m, n=name: f"{n}: {m}")
+    return ref, got
+
+
+# ----------------------------------------------------------------------------------------------
+# acceptance 1: outputs and gradients equal the reference (fixed sampling), both layouts
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize(
+    "method,ratio", [("bs", 0.25), ("ns", 0.25), ("fs", 0.25), ("fs", 1 / 16), ("full", 1.0)]
+)
+def test_fixed_sampling_matches_reference(method, ratio, layout):
+    x = _input((8, 6, 9, 7), layout=layout)
+    _compare(x, SamplingConfig(method=method, ratio=ratio, sampling="fixed"))
+
+
+@pytest.mark.parametrize("method", ["bs", "fs", "ns"])
+def test_random_offsets_identical_sample_set(method):
+    """Same RNG state -> same offsets from draw_offsets -> same sample set as the torch path."""
+    x = _input((8, 10, 6, 5))
+    cfg = SamplingConfig(method=method, ratio=0.25, groups=1 if method == "ns" else 3)
+    ref, got = _compare(x, cfg)
+    # and the sample really is random: fixed sampling gives different statistics
+    fixed = _run(sampled_batch_norm, x, cfg.replace(sampling="fixed"))
+    assert not torch.allclose(fixed[4], ref[4])
+
+
+def test_seeded_sampling_identical():
+    x = _input((6, 8, 8, 8))
+    _compare(x, SamplingConfig(method="fs", ratio=1 / 16, seed=11))
+
+
+@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
+def test_virtual_rows(method):
+    x = _input((7, 6, 6, 5))
+    _compare(x, SamplingConfig(method=method, ratio=0.25, vdn_samples=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["bs", "fs"])
+def test_low_precision(dtype, method):
+    x = _input((8, 6, 8, 6), dtype=dtype)
+    _compare(x, SamplingConfig(method=method, ratio=0.25))
+
+
+@pytest.mark.parametrize(
+    "shape,method",
+    [
+        ((16, 6), "bs"),  # (N, C): fs is bs
+        ((16, 6), "fs"),
+        ((6, 5, 11), "fs"),  # BatchNorm1d with length
+        ((3, 4, 4, 5, 6), "fs"),  # BatchNorm3d
+        ((4, 130, 3, 3), "bs"),  # several channel blocks, groups straddling blocks
+        ((4, 3, 3, 3), "fs"),  # fewer channels than groups
+    ],
+)
+def test_shapes(shape, method):
+    _compare(_input(shape), SamplingConfig(method=method, ratio=0.25))
+
+
+def test_other_strides_and_grad_layouts():
+    cfg = SamplingConfig(method="fs", ratio=0.25)
+    _compare(_input((4, 6, 6, 6), layout="strided"), cfg)
+    _compare(_input((4, 6, 6, 6)), cfg, grad_layout="nchw")
+    _compare(_input((4, 6, 6, 6)), cfg, grad_layout="expand")
+
+
+def test_no_affine_no_running_stats_and_tensor_momentum():
+    x = _input((6, 5, 4, 4))
+    cfg = SamplingConfig(method="bs", ratio=0.5)
+    _compare(x, cfg, affine=False)
+    _compare(x, cfg, track=False)
+    _compare(x, cfg, momentum=torch.tensor(0.25))
+
+
+def test_output_layout_follows_input():
+    cfg = SamplingConfig(method="bs", ratio=0.5)
+    x = _input((4, 6, 5, 5))
+    y = fused_sampled_batch_norm(x, None, None, training=True, config=cfg)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y = fused_sampled_batch_norm(x.contiguous(), None, None, training=True, config=cfg)
+    assert y.is_contiguous()
+
+
+def test_eval_mode_and_fallbacks(monkeypatch):
+    x = _input((4, 6, 5, 5))
+    rm, rv = torch.randn(6, device=DEV), torch.rand(6, device=DEV) + 0.5
+    y = fused_sampled_batch_norm(x, rm, rv, training=False, config="bs")
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, rm, rv, training=False))
+    # float64 is not a kernel dtype: the torch path, bit for bit
+    xd = x.double()
+    assert not can_use_kernels(xd)
+    torch.manual_seed(0)
+    a = fused_sampled_batch_norm(xd, None, None, training=True, config="bs")
+    torch.manual_seed(0)
+    b = sampled_batch_norm(xd, None, None, training=True, config="bs")
+    assert torch.equal(a, b)
+    monkeypatch.setenv("BNREWRITE_KERNELS", "0")
+    assert not can_use_kernels(x)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fused_sampled_batch_norm(x[:1, :, :1, :1], None, None, training=True, config="bs")
+
+
+def test_gradient_formula_by_hand():
+    """The docstring's closed form: dx = s*dy - [a in A] * s/n * (dbeta + xhat*dgamma)."""
+    x = _input((8, 4, 3, 3))
+    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
+    xx = x.clone().requires_grad_()
+    w = torch.rand(4, device=DEV) + 0.5
+    y = fused_sampled_batch_norm(xx, None, None, w, None, True, 0.1, 1e-5, config=cfg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    s = x[:2]  # k = 2 fixed rows
+    n = s.numel() // 4
+    mu = s.mean((0, 2, 3), keepdim=True)
+    var = s.var((0, 2, 3), unbiased=False, keepdim=True)
+    r = torch.rsqrt(var + 1e-5)
+    sc = w.view(1, -1, 1, 1) * r
+    xhat = (x - mu) * r
+    dbeta = dy.sum((0, 2, 3), keepdim=True)
+    dgamma = (dy * xhat).sum((0, 2, 3), keepdim=True)
+    expect = sc * dy
+    expect[:2] -= sc * (dbeta + xhat[:2] * dgamma) / n
+    torch.testing.assert_close(xx.grad, expect, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library: schema, fake implementations, autograd registration, torch.compile tracing
+# ----------------------------------------------------------------------------------------------
+def _op_args(x, cfg_args=("fs", 0.25, 4, "random", 2), eps=1e-5):
+    C = x.shape[1]
+    w = torch.rand(C, device=x.device) + 0.5
+    b = torch.randn(C, device=x.device)
+    off = torch.zeros((x.shape[0], 4, 2), dtype=torch.int64, device=x.device)
+    off[..., 0] = 1
+    return (x, w, b, off, *cfg_args, eps)
+
+
+def test_opcheck_forward_and_backward():
+    x = _input((4, 6, 4, 4)).requires_grad_()
+    args = _op_args(x)
+    torch.library.opcheck(fused_bn_forward, args)
+    y, mean, var = fused_bn_forward(*args)
+    dy = torch.randn_like(y)
+    bargs = (dy, x.detach(), mean, var, args[1], args[3], *args[4:])
+    torch.library.opcheck(fused_bn_backward, bargs)
+
+
+def test_torch_compile_traces_the_ops():
+    cfg = SamplingConfig(method="bs", ratio=0.5, sampling="fixed")
+
+    def f(x, w, b):
+        return fused_sampled_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, config=cfg)
+
+    x = _input((4, 6, 5, 5))
+    w, b = torch.rand(6, device=DEV) + 0.5, torch.randn(6, device=DEV)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (f, compiled):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww, b)
+        y.square().sum().backward()
+        outs.append((y, xx.grad, ww.grad))
+    for a, b_ in zip(*outs):
+        torch.testing.assert_close(a, b_)
+
+
+def test_convert_fused_module():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    )
+    ref_net = copy.deepcopy(net)
+    cfg = SamplingConfig(method="fs", ratio=0.25)
+    bnrewrite.convert_(ref_net, cfg)
+    convert_fused_(net, cfg)
+    assert type(net[1]).__name__ == "FusedSampledBatchNorm2d"
+    net, ref_net = net.to(DEV), ref_net.to(DEV)
+    x = _input((4, 3, 8, 8))
+    outs = []
+    for m in (ref_net, net):
+        torch.manual_seed(5)
+        y = m(x)
+        y.sum().backward()
+        outs.append((y, m[1].weight.grad, m[1].running_mean, m[1].num_batches_tracked))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only (skipped without CUDA): ResNet-sized bf16 channels-last shapes, compiled kernels
+# ----------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "shape", [(32, 64, 56, 56), (32, 256, 28, 28), (64, 2048, 7, 7), (64, 1000)]
+)
+@pytest.mark.parametrize("method,ratio", [("bs", 1 / 8), ("fs", 1 / 16)])
+def test_cuda_resnet_shapes_bf16(shape, method, ratio):
+    x = _input(shape, dtype=torch.bfloat16, device="cuda")
+    _compare(x, SamplingConfig(method=method, ratio=ratio))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_cuda_dtypes_layouts(dtype, layout):
+    x = _input((16, 96, 14, 14), dtype=dtype, layout=layout, device="cuda")
+    _compare(x, SamplingConfig(method="fs", ratio=1 / 16, sampling="fixed"))
+    _compare(x, SamplingConfig(method="bs", ratio=1 / 8))
