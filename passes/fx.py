@@ -202,7 +202,8 @@ def _buffer_owner(arg: Any, gm: fx.GraphModule | None) -> str | None:
     if arg.op == "placeholder":
         sig = getattr(gm, "_bnrewrite_signature", None) if gm is not None else None
         if sig and arg.name in sig:
-            return sig[arg.name].rsplit(".", 1)[0]
+            owner, dot, _ = sig[arg.name].rpartition(".")
+            return owner if dot else None
         m = re.match(r"^L_[a-zA-Z0-9]+_(.*)_(?:buffers|parameters)_[a-z_]+_$", str(arg.target))
         if m:
             return m.group(1).replace("_modules_", ".").strip("_")
@@ -271,7 +272,7 @@ def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
     elif args["momentum"] is None or not isinstance(args["momentum"], (int, float, torch.SymFloat)):
         site.reason = "unsupported form: momentum is not a constant"
     elif spec.tuple_out:
-        used = {u.args[1] for u in node.users if u.target is operator.getitem}
+        used = {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
         if any(u.target is not operator.getitem for u in node.users):
             site.reason = "unsupported form: tuple output used whole"
         else:
@@ -399,7 +400,9 @@ def rewrite_node(
     else:
         for user in list(node.users):
             idx = user.args[1]
-            if site.form == "functional":
+            if not user.users:  # a dead getitem (saved statistics nobody reads)
+                graph.erase_node(user)
+            elif site.form == "functional":
                 user.args = (new, remap[idx])
             else:
                 user.replace_all_uses_with(new)

@@ -376,8 +376,11 @@ def run_steps(
     call: Callable[[Tensor], Tensor] | None = None,
     params: dict[str, Tensor] | None = None,
     buffers: dict[str, Tensor] | None = None,
+    eval_call: bool = True,
 ) -> dict[str, Tensor]:
     """Two SGD steps (training mode) then one eval call; everything a parity test compares.
+
+    ``eval_call=False`` skips the eval call (graphs that bake the training flag).
 
     ``call`` runs the model (default ``model(x)``); ``params`` / ``buffers`` default to the model's
     own (pass them for graphs that take them as inputs).
@@ -399,9 +402,10 @@ def run_steps(
                     results[f"grad{step}.{_canonical(name)}"] = p.grad.detach().clone()
                     p -= lr * p.grad
                     p.grad = None
-    model.eval()
-    with torch.no_grad():
-        results["eval"] = call(make_input()).detach().clone()
+    if eval_call:
+        model.eval()
+        with torch.no_grad():
+            results["eval"] = call(make_input()).detach().clone()
     bufs = buffers if buffers is not None else dict(model.named_buffers())
     for name, b in bufs.items():
         results[f"buffer.{_canonical(name)}"] = b.detach().clone()
