@@ -36,7 +36,11 @@ Sample set (the estimator's ``gather_sample``):
 ``seed`` becomes the ``seed`` attribute of the ``RandomUniform`` of the ``i``-th rewritten node,
 ``(seed + 7919 * i) mod 2**24`` (exact in float32, distinct per layer). onnxruntime seeds each
 random kernel once per session: a seeded model gives the same sequence of samples in every new
-session, and new samples at every run within one.
+session, and new samples at every run within one. Without ``seed`` the node has no seed attribute
+and onnxruntime starts every such kernel from its process-wide seed (``onnxruntime.set_seed``;
+the same value in every process unless set), so all unseeded layers would draw the same ``U``:
+the ``i``-th rewritten node rotates its draw, ``U <- frac(U + frac(i * 0.618...))`` -- still
+uniform on ``[0, 1)``, different positions per layer.
 
 Cases (``check`` declines, with a reason, everything else):
 
@@ -74,6 +78,7 @@ logger = logging.getLogger(__name__)
 #: Methods the ONNX rule refuses: VDN needs virtual rows carried through the whole network.
 ONNX_UNSUPPORTED_METHODS = ("vdn", "fs_vdn")
 
+_GOLDEN = 0.6180339887498949  # rotation of the i-th unseeded layer's uniforms: frac(i * phi)
 _ACCUMULATE = {
     ir.DataType.FLOAT16: ir.DataType.FLOAT,
     ir.DataType.BFLOAT16: ir.DataType.FLOAT,
@@ -137,7 +142,7 @@ def _reshape(op: Any, x: ir.Value, shape: Sequence[int]) -> ir.Value:
 
 
 def _random_sample(
-    op: Any, x: ir.Value, plan: SamplePlan, seed: float | None, opset: int
+    op: Any, x: ir.Value, plan: SamplePlan, seed: float | None, index: int, opset: int
 ) -> ir.Value:
     """Mirror of ``estimators.draw_offsets`` + ``gather_sample`` with in-graph random offsets."""
     rows, groups, n_axes = int(plan.offset_rows), int(plan.groups), len(plan.axes)
@@ -146,6 +151,9 @@ def _random_sample(
     if seed is not None:
         attrs["seed"] = seed
     u = op.RandomUniform(**attrs)
+    if seed is None and index:  # unseeded kernels share a state: rotate, u <- frac(u + c_i)
+        u = op.Add(u, _const(op, (index * _GOLDEN) % 1.0, np.float64))
+        u = op.Sub(u, op.Floor(u))
     sizes = [int(ax.size) for ax in plan.axes]
     off = op.Cast(op.Floor(op.Mul(u, _const(op, sizes, np.float64))), to=int(ir.DataType.INT64))
     off = op.Min(off, _const(op, [s - 1 for s in sizes], np.int64))  # (R, G, A)
@@ -284,7 +292,7 @@ class SampledBatchNormRule(RewriteRuleClassBase):
             seed = None
             if self.config.seed is not None:
                 seed = float((self.config.seed + 7919 * index) % (1 << 24))
-            sample = _random_sample(op, xa, plan, seed, opset)
+            sample = _random_sample(op, xa, plan, seed, index, opset)
         else:
             sample = xa
             for ax in plan.axes:
