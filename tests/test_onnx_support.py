@@ -96,9 +96,11 @@ class RefBatchNorm(nn.Module):
         self.eps, self.m = bn.eps, 1.0 - bn.momentum  # ONNX momentum weights the old value
         self.method, self.ratio = method, ratio
         self.new_rm = self.new_rv = None
+        self.count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sample = ref_sample(x, self.method, self.ratio)
+        self.count = sample.numel() // x.shape[1]  # n, per channel
         dims = [0, *range(2, x.dim())]
         mu = sample.mean(dim=dims)
         var = ((sample - mu.view([1, -1] + [1] * (x.dim() - 2))) ** 2).mean(dim=dims)

@@ -211,7 +211,9 @@ def export(
         args = (args,)
     buffer = io.BytesIO()
     with _training_mode_preserved(model) as saved, warnings.catch_warnings():
+        # The TorchScript exporter is deprecated and warns about it; keep the user's log clean.
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             tuple(args),
