@@ -247,9 +247,15 @@ def _as_layout(t: Tensor, cl: bool) -> Tensor:
 
 
 def _empty(shape: tuple[int, ...], cl: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if cl:
-        perm = (shape[0], *shape[2:], shape[1])
-        return torch.empty(perm, dtype=dtype, device=device).movedim(-1, 1)
+    if cl:  # empty_strided, not a view: outputs of custom ops may be modified in place
+        strides = [0] * len(shape)
+        strides[1] = 1
+        acc = shape[1]
+        for d in range(len(shape) - 1, 1, -1):
+            strides[d] = acc
+            acc *= shape[d]
+        strides[0] = acc
+        return torch.empty_strided(shape, strides, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -1,0 +1,657 @@
+"""``bnrewrite bench``: BatchNorm lowerings against each other and against the memory roofline.
+
+On a CUDA GPU (default shapes: every distinct BN input of ResNet-50 at batch 256, bf16,
+channels-last, forward + backward):
+
+* per BN shape: cuDNN (eager ``F.batch_norm``), ``torch.compile`` of BN, the sampled layer through
+  the fused Triton kernels (:mod:`bnrewrite.kernels`) for each ``--methods`` entry, and the
+  compiled pure-torch sampled form; medians from ``triton.testing.do_bench`` (``ms``, includes
+  CPU launch overhead when it dominates) and ``do_bench_cudagraph`` (``graph_ms``, GPU time);
+  ratios and the share of the 5-pass roofline ``5 * bytes / 4.2e12 s`` (ANCHORS.md);
+* the ResNet-50 training step (batch 256, bf16 autocast, channels-last, SGD) under
+  ``torch.compile`` with plain BN, with the fused sampled BN (``convert_fused_``), and -- budget
+  permitting -- with the ``bnrewrite`` backend and the compiled pure-torch sampled BN.
+
+A time budget (``--budget-s``) keeps the whole run under 5 minutes on an H200: sections that would
+not fit are recorded as skipped. On the CPU (or with ``--small``) it runs small shapes in seconds,
+which is what CI tests. ``--out`` writes every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+HELP = "benchmark BN lowerings (layer table vs roofline, ResNet-50 step); --out writes JSON"
+
+__all__ = ["HELP", "add_arguments", "run", "ROOFLINE_BW", "roofline_ms"]
+
+#: Copy bandwidth of one H200 measured for ANCHORS.md (bytes/s).
+ROOFLINE_BW = 4.2e12
+#: ANCHORS.md's three measured shapes (and the smallest ResNet-50 BN input).
+ANCHOR_SHAPES = [(64, 112, 112), (256, 56, 56), (1024, 14, 14), (2048, 7, 7)]
+SMALL_SHAPES = [(8, 16, 16), (32, 8, 8), (64, 4, 4)]
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def roofline_ms(numel: int, itemsize: int, passes: int = 5, bw: float = ROOFLINE_BW) -> float:
+    """``passes`` full passes over ``numel`` elements at ``bw`` bytes/s, in milliseconds."""
+    return passes * numel * itemsize / bw * 1e3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="write results as JSON to this file")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--small", action="store_true", help="CI-size shapes (the default on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (256 on GPU, 4 small)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="bf16 (GPU) / fp32")
+    p.add_argument("--layout", choices=["cl", "nchw"], default="cl", help="channels-last or NCHW")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="'all' (every ResNet-50 BN shape), 'anchors', or a list like 64x56x56,256x14x14",
+    )
+    p.add_argument("--methods", default="bs:1/8,fs:1/16", help="sampled methods, method:ratio,...")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "none", "anchors", "all"],
+        default="auto",
+        help="shapes that get torch.compile variants (auto: anchors on GPU, none on CPU)",
+    )
+    p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-50 training step")
+    p.add_argument("--e2e-steps", type=int, default=None, help="timed ResNet-50 steps")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="CPU only: run the Triton kernels under TRITON_INTERPRET=1 (slow; tiny shapes)",
+    )
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting sections after")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+class _Budget:
+    def __init__(self, seconds: float) -> None:
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+def _parse_shapes(text: str | None, small: bool, batch: int) -> list[tuple[int, ...]]:
+    from .resnet50 import bn_shapes
+
+    if small:
+        chw = SMALL_SHAPES if text in (None, "all", "anchors") else None
+    elif text in (None, "all"):
+        chw = [s[1:] for s in bn_shapes(batch)]
+    elif text == "anchors":
+        chw = ANCHOR_SHAPES
+    else:
+        chw = None
+    if chw is None:
+        chw = []
+        for item in (text or "").split(","):
+            try:
+                dims = tuple(int(v) for v in item.lower().split("x"))
+            except ValueError:
+                dims = ()
+            if not dims:
+                raise ValueError(f"--shapes: expected e.g. 64x56x56,256x14x14, got {item!r}")
+            chw.append(dims)
+    return [(batch, *s) for s in chw]
+
+
+def _parse_methods(text: str) -> list[tuple[str, str, float]]:
+    from .config import SamplingConfig, parse_ratio
+
+    out = []
+    for item in text.split(","):
+        method, _, ratio = item.strip().partition(":")
+        cfg = SamplingConfig(method=method, ratio=parse_ratio(ratio) if ratio else None)
+        label = f"{cfg.method} {ratio}" if ratio else cfg.method
+        out.append((label, cfg.method, float(cfg.ratio)))
+    return out
+
+
+def _median_cpu(fn: Callable[[], Any], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _time(fn: Callable[[], Any], device: str) -> dict[str, Any]:
+    """``{"ms": median, "graph_ms": median under CUDA-graph replay}`` (CPU: ``ms`` only)."""
+    if device != "cuda":
+        return {"ms": _median_cpu(fn)}
+    import torch
+    import triton.testing as tt
+
+    res: dict[str, Any] = {}
+    res["ms"] = float(tt.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    try:
+        res["graph_ms"] = float(tt.do_bench_cudagraph(fn, rep=30, return_mode="median"))
+    except Exception as e:  # capture can fail for some variants; keep the eager number
+        res["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        torch.cuda.synchronize()
+    return res
+
+
+def _best(entry: dict[str, Any] | None) -> float | None:
+    """The GPU time of a measurement: CUDA-graph replay if it worked, else eager."""
+    if not entry or "error" in entry:
+        return None
+    return entry.get("graph_ms", entry.get("ms"))
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness checks (GPU): the kernels against the torch estimator
+# ----------------------------------------------------------------------------------------------
+def _checks(device: str, dtype: Any, small: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from .config import SamplingConfig
+    from .estimators import sampled_batch_norm
+    from .kernels import can_use_kernels, fused_sampled_batch_norm
+
+    shapes = [(4, 12, 6, 6)] if small else [(32, 256, 28, 28), (16, 64, 56, 56), (64, 2048, 7, 7)]
+    out = []
+    for shape in shapes:
+        for method, ratio, sampling in [
+            ("bs", 1 / 8, "fixed"),
+            ("fs", 1 / 16, "fixed"),
+            ("bs", 1 / 8, "random"),
+            ("fs", 1 / 16, "random"),
+        ]:
+            cfg = SamplingConfig(method=method, ratio=ratio, sampling=sampling)
+            g = torch.Generator().manual_seed(0)
+            x0 = (torch.randn(shape, generator=g) * 2 + 0.5).to(device, dtype)
+            x0 = x0.to(memory_format=torch.channels_last)
+            w0 = torch.rand(shape[1], generator=g).to(device) + 0.5
+            b0 = torch.randn(shape[1], generator=g).to(device)
+            dy = torch.randn(shape, generator=g).to(device, dtype)
+            dy = dy.to(memory_format=torch.channels_last)
+            res = []
+            for fn in (sampled_batch_norm, fused_sampled_batch_norm):
+                x = x0.clone().requires_grad_()
+                w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+                rm, rv = torch.zeros_like(w0), torch.ones_like(w0)
+                torch.manual_seed(1)
+                y = fn(x, rm, rv, w, b, True, 0.1, 1e-5, config=cfg)
+                dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+                res.append((y, dx, dw, db, rm, rv))
+            errs = {}
+            for name, r, o in zip(["y", "dx", "dw", "db", "rm", "rv"], *res):
+                scale = r.float().abs().max().item() + 1e-6
+                errs[name] = (o.float() - r.float()).abs().max().item() / scale
+            tol = 2e-2 if dtype != torch.float32 else 1e-4
+            out.append(
+                {
+                    "shape": list(shape),
+                    "method": method,
+                    "ratio": ratio,
+                    "sampling": sampling,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "kernels_used": can_use_kernels(x0, cfg),
+                    "max_rel_err": errs,
+                    "ok": all(v <= tol for v in errs.values()),
+                }
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# layer table
+# ----------------------------------------------------------------------------------------------
+def _layer_variants(
+    shape: tuple[int, ...],
+    dtype: Any,
+    device: str,
+    layout: str,
+    methods: list[tuple[str, str, float]],
+    with_compile: bool,
+    with_kernels: bool,
+) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+    import torch
+    import torch.nn.functional as F
+
+    from .config import SamplingConfig
+    from .estimators import sampled_batch_norm
+    from .kernels import fused_sampled_batch_norm
+
+    C = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "cl" and len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+        dy = dy.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+
+    def step(fwd: Callable[..., Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            y = fwd(x, w, b, rm, rv)
+            return torch.autograd.grad(y, (x, w, b), dy)
+
+        return run
+
+    def bn(x, w, b, rm, rv):  # noqa: ANN001
+        return F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    variants: dict[str, Callable[[], Any]] = {}
+    notes: list[str] = []
+    variants["cudnn" if device == "cuda" else "native"] = step(bn)
+    if with_compile:
+        variants["compile bn"] = step(torch.compile(bn, dynamic=False))
+    for label, method, ratio in methods:
+        cfg = SamplingConfig(method=method, ratio=ratio)
+
+        def sampled(x, w, b, rm, rv, cfg=cfg):  # noqa: ANN001
+            return sampled_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, config=cfg)
+
+        def fused(x, w, b, rm, rv, cfg=cfg):  # noqa: ANN001
+            return fused_sampled_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, config=cfg)
+
+        if with_kernels:
+            variants[f"kernels {label}"] = step(fused)
+        if with_compile:
+            variants[f"compile torch {label}"] = step(torch.compile(sampled, dynamic=False))
+        elif device != "cuda":
+            variants[f"torch {label}"] = step(sampled)
+    return variants, notes
+
+
+def _layer_table(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+    import torch
+
+    device, dtype, small = ctx["device"], ctx["dtype"], ctx["small"]
+    shapes = _parse_shapes(args.shapes, small, ctx["batch"])
+    methods = _parse_methods(args.methods)
+    compile_mode = args.compile
+    if compile_mode == "auto":
+        compile_mode = "anchors" if device == "cuda" else "none"
+    anchors = {s[1:] for s in _parse_shapes("anchors", small, ctx["batch"])}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for shape in shapes:
+        numel = math.prod(shape)
+        row: dict[str, Any] = {
+            "shape": list(shape),
+            "bytes": numel * itemsize,
+            "roofline_5pass_ms": roofline_ms(numel, itemsize, 5),
+            "roofline_8pass_ms": roofline_ms(numel, itemsize, 8),
+            "times": {},
+        }
+        rows.append(row)
+        with_compile = compile_mode == "all" or (compile_mode == "anchors" and shape[1:] in anchors)
+        # compiles take ~5-15 s each on the GPU machine: keep a reserve for the rest
+        if with_compile and budget.left() < 60 + 30 * (1 + len(methods)):
+            with_compile = False
+            result["skipped"].append(f"compile variants at {shape}: budget")
+        if budget.left() < 10:
+            result["skipped"].append(f"layer {shape}: budget")
+            continue
+        try:
+            variants, notes = _layer_variants(
+                shape, dtype, device, args.layout, methods, with_compile, ctx["kernels"]
+            )
+        except Exception as e:  # e.g. out of memory
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            try:
+                entry = _time(fn, device)
+            except Exception as e:
+                entry = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            entry["wall_s"] = round(time.perf_counter() - t0, 2)
+            row["times"][name] = entry
+        del variants
+        _free()
+        _ratios(row, methods, device)
+        _print_row(row)
+    result["layers"] = rows
+
+
+def _ratios(row: dict[str, Any], methods: list[tuple[str, str, float]], device: str) -> None:
+    t = {k: _best(v) for k, v in row["times"].items()}
+    base = t.get("cudnn" if device == "cuda" else "native")
+    comp = t.get("compile bn")
+    roof = row["roofline_5pass_ms"]
+    ratios: dict[str, Any] = {}
+    for label, _, _ in methods:
+        for kind in ("kernels", "compile torch", "torch"):
+            v = t.get(f"{kind} {label}")
+            if not v:
+                continue
+            r: dict[str, Any] = {"x_roofline": v / roof, "pct_roofline": 100 * roof / v}
+            if base:
+                r["speedup_vs_cudnn"] = base / v
+            if comp:
+                r["speedup_vs_compile_bn"] = comp / v
+            if kind == "kernels" and device == "cuda":
+                r["target_1.25x_roofline"] = v <= 1.25 * roof
+                if base:
+                    r["target_1.5x_cudnn"] = base / v >= 1.5
+                if comp:
+                    r["target_2x_compile_bn"] = comp / v >= 2.0
+            ratios[f"{kind} {label}"] = r
+    for name in ("cudnn", "native", "compile bn"):
+        if t.get(name):
+            ratios[name] = {"x_roofline": t[name] / roof, "pct_roofline": 100 * roof / t[name]}
+    row["ratios"] = ratios
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    shape = "x".join(str(s) for s in row["shape"])
+    parts = [f"{shape:>18} roof5 {row['roofline_5pass_ms']:.3f} ms |"]
+    for name, entry in row["times"].items():
+        v = _best(entry)
+        if v is None:
+            parts.append(f"{name}: error")
+            continue
+        pct = row["ratios"].get(name, {}).get("pct_roofline")
+        parts.append(f"{name} {v:.3f}" + (f" ({pct:.0f}%)" if pct else ""))
+    print("  ".join(parts), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-50 training step
+# ----------------------------------------------------------------------------------------------
+def _e2e_variant(
+    name: str, ctx: dict[str, Any], batch: int, size: int, steps: int
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from . import convert_
+    from .config import SamplingConfig
+    from .kernels import convert_fused_
+    from .resnet50 import ResNet50, resnet50
+
+    device = ctx["device"]
+    torch.manual_seed(0)
+    if ctx["small"]:  # CI size: the same blocks, one per stage
+        model = ResNet50(num_classes=10, layers=(1, 1, 1, 1)).to(device)
+    else:
+        model = resnet50().to(device)
+    model = model.to(memory_format=torch.channels_last)
+    kind, _, spec = name.partition(" ")
+    cfg = None
+    if spec:
+        method, _, ratio = spec.partition(" ")
+        cfg = SamplingConfig(method=method, ratio=ratio)
+    if kind == "fused":
+        convert_fused_(model, cfg)
+    elif kind == "torch":
+        convert_(model, cfg)
+    compile_ = ctx["e2e_compile"]
+    if compile_ and kind == "backend":
+        from . import backend as _backend  # noqa: F401  (registers "bnrewrite")
+
+        opts = {"method": cfg.method, "ratio": cfg.ratio} if cfg else {}
+        runner = torch.compile(model, backend="bnrewrite", options=opts)
+    elif compile_:
+        runner = torch.compile(model)
+    else:
+        runner = model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10 if ctx["small"] else 1000, (batch,), device=device)
+    amp = device == "cuda" and ctx["dtype"] != torch.float32
+
+    def step() -> None:
+        with torch.autocast(device, dtype=ctx["dtype"], enabled=amp):
+            loss = F.cross_entropy(runner(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_s = time.perf_counter() - t0
+    step()
+    sync()
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t1 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t1) * 1e3)
+    ok = all(math.isfinite(p.float().sum().item()) for p in model.parameters())
+    return {
+        "step_ms": statistics.median(times),
+        "step_ms_all": [round(t, 3) for t in times],
+        "first_step_s": round(first_s, 2),
+        "finite_params": ok,
+    }
+
+
+def _e2e(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+    small = ctx["small"]
+    batch = ctx["batch"] if small else (args.batch or 256)
+    size = 64 if small else 224
+    steps = args.e2e_steps or (2 if small else 15)
+    methods = _parse_methods(args.methods)
+    first = methods[0][1:] if methods else ("bs", 0.125)
+    spec = f"{first[0]} {first[1]}"
+    names = ["plain"]
+    if ctx["kernels"]:
+        names.append(f"fused {spec}")
+    if not ctx["small"]:
+        names.append(f"backend {spec}")
+        names += [f"fused {m} {r}" for _, m, r in methods[1:]]
+        names.append(f"torch {spec}")
+    else:
+        names.append(f"torch {spec}")
+    out: dict[str, Any] = {
+        "model": "resnet50 (torchvision architecture, bnrewrite.resnet50)"
+        if not small
+        else "resnet50 blocks, one per stage (small mode)",
+        "batch": batch,
+        "input": [3, size, size],
+        "dtype": "bf16 autocast" if (ctx["device"] == "cuda" and not small) else "fp32",
+        "compile": ctx["e2e_compile"],
+        "steps": steps,
+        "variants": {},
+    }
+    result["e2e"] = out
+    est = 30.0 if small else 120.0  # first-compile estimate; replaced by what we measure
+    for name in names:
+        if budget.left() < est * 1.15 + 5:
+            result["skipped"].append(f"e2e {name}: budget ({budget.left():.0f} s left)")
+            continue
+        t0 = time.perf_counter()
+        try:
+            out["variants"][name] = _e2e_variant(name, ctx, batch, size, steps)
+        except Exception as e:
+            out["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        _free()
+        spent = time.perf_counter() - t0
+        out["variants"][name]["wall_s"] = round(spent, 1)
+        if "error" not in out["variants"][name]:
+            est = max(est * 0.5, spent)
+        v = out["variants"][name]
+        msg = f"{v['step_ms']:.2f} ms/step" if "step_ms" in v else v.get("error", "")
+        print(f"  resnet50 {name:>18}: {msg} (wall {spent:.0f} s)", flush=True)
+    base = out["variants"].get("plain", {}).get("step_ms")
+    if base:
+        for name, v in out["variants"].items():
+            if "step_ms" in v:
+                v["speedup_vs_plain"] = base / v["step_ms"]
+                if name.startswith(("fused", "backend")) and not small:
+                    v["target_1.20x"] = base / v["step_ms"] >= 1.20
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+def _bandwidth(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+    import triton.testing as tt
+
+    bufs = [torch.empty(1 << 29, dtype=torch.float16, device="cuda") for _ in range(2)]  # 1 GiB
+    ms = tt.do_bench(lambda: bufs[1].copy_(bufs[0]), warmup=5, rep=30, return_mode="median")
+    bufs.clear()
+    _free()
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = _Budget(args.budget_s)
+    if args.interpret:
+        if args.device == "cuda":
+            raise ValueError("--interpret runs the kernels on the CPU; drop --device cuda")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    device = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if args.interpret:
+        device = "cpu"
+    small = args.small or device == "cpu"
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = getattr(torch, _DTYPES[dtype_name])
+    batch = args.batch or (4 if small else 256)
+
+    from .kernels import kernels_available, use_interpreter
+
+    kernels = False
+    if device == "cuda":
+        kernels = kernels_available()
+    elif args.interpret:
+        kernels = use_interpreter()
+    ctx = {
+        "device": device,
+        "dtype": dtype,
+        "small": small,
+        "batch": batch,
+        "kernels": kernels,
+        "e2e_compile": device == "cuda" or args.compile in ("anchors", "all"),
+    }
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    result: dict[str, Any] = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name()
+            if device == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "python": platform.python_version(),
+            "mode": "gpu" if not small else "small",
+            "dtype": dtype_name,
+            "layout": args.layout,
+            "batch": batch,
+            "methods": args.methods,
+            "kernels": kernels,
+            "roofline_bw": ROOFLINE_BW,
+            "roofline": "5 passes x bytes / 4.2e12 B/s (ANCHORS.md)",
+            "timing": "median of triton.testing.do_bench (ms) and do_bench_cudagraph (graph_ms)"
+            if device == "cuda"
+            else "median of time.perf_counter over 5 runs",
+            "argv": sys.argv[1:],
+        },
+        "checks": [],
+        "layers": [],
+        "e2e": None,
+        "skipped": [],
+    }
+    print(
+        f"bnrewrite bench: {result['meta']['device']}, torch {torch.__version__}, triton "
+        f"{triton_version}, {dtype_name}, {'small' if small else 'full'} mode, kernels={kernels}",
+        flush=True,
+    )
+    if device == "cuda":
+        result["meta"]["copy_bw_measured"] = _bandwidth(device)
+        print(f"  copy bandwidth {result['meta']['copy_bw_measured'] / 1e12:.2f} TB/s", flush=True)
+    if not args.no_check and kernels:
+        result["checks"] = _checks(device, dtype, small)
+        bad = [c for c in result["checks"] if not c["ok"]]
+        print(
+            f"  checks: {len(result['checks']) - len(bad)}/{len(result['checks'])} ok", flush=True
+        )
+    _layer_table(args, ctx, budget, result)
+    if not args.no_e2e:
+        _e2e(args, ctx, budget, result)
+    result["meta"]["elapsed_s"] = round(budget.elapsed(), 1)
+    _summary(result)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"  wrote {args.out}", flush=True)
+    failed = [c for c in result["checks"] if not c["ok"]]
+    return 1 if failed else 0
+
+
+def _summary(result: dict[str, Any]) -> None:
+    """Where each issue-8 target stands (GPU runs); stored under ``result["targets"]``."""
+    targets: dict[str, Any] = {}
+    for row in result.get("layers", []):
+        for name, r in row.get("ratios", {}).items():
+            keys = [k for k in r if k.startswith("target_")]
+            if keys:
+                shape = "x".join(str(s) for s in row["shape"])
+                targets[f"{shape} {name}"] = {k: r[k] for k in keys}
+    e2e = result.get("e2e") or {}
+    for name, v in (e2e.get("variants") or {}).items():
+        if "target_1.20x" in v:
+            targets[f"resnet50 {name}"] = {"target_1.20x": v["target_1.20x"]}
+    result["targets"] = targets
+    if targets:
+        met = sum(all(v.values()) for v in targets.values())
+        print(f"  targets met: {met}/{len(targets)}", flush=True)
+    print(f"  elapsed {result['meta']['elapsed_s']} s; skipped: {len(result['skipped'])}")
