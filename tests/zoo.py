@@ -97,51 +97,60 @@ def reference_batch_norm(
 
 
 class ReferenceBatchNorm(nn.Module):
-    """A BatchNorm layer (PyTorch's bookkeeping) whose statistics follow the reference."""
+    """A BatchNorm layer (PyTorch's bookkeeping) whose statistics follow the reference.
+
+    It takes over the parameters and buffers of the layer it replaces (same ``state_dict`` keys).
+    """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, method: str, ratio: float) -> None:
         super().__init__()
-        self.bn = bn
+        self._parameters = dict(bn._parameters)
+        self._buffers = dict(bn._buffers)
+        self.momentum, self.eps = bn.momentum, bn.eps
+        self.track_running_stats = bn.track_running_stats
         self.method, self.ratio = method, ratio
         self.training = bn.training
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        momentum: float | Tensor = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / bn.num_batches_tracked.item()
-        training = self.training or (bn.running_mean is None and bn.running_var is None)
-        use_running = not self.training or bn.track_running_stats
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        nbt = self._buffers.get("num_batches_tracked")
+        if self.training and self.track_running_stats and nbt is not None:
+            nbt.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / nbt.item()
+        rm, rv = self._buffers.get("running_mean"), self._buffers.get("running_var")
+        training = self.training or (rm is None and rv is None)
+        use_running = not self.training or self.track_running_stats
         return reference_batch_norm(
             x,
-            bn.running_mean if use_running else None,
-            bn.running_var if use_running else None,
-            bn.weight,
-            bn.bias,
+            rm if use_running else None,
+            rv if use_running else None,
+            self._parameters.get("weight"),
+            self._parameters.get("bias"),
             training,
             momentum,
-            bn.eps,
+            self.eps,
             self.method,
             self.ratio,
         )
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
 
-
-def reference_model(model: nn.Module, method: str = "full", ratio: float = 1.0) -> nn.Module:
+def reference_model(
+    model: nn.Module, method: str = "full", ratio: float = 1.0, keep_full: tuple[str, ...] = ()
+) -> nn.Module:
     """A deep copy of ``model`` whose BatchNorm layers (and ``bn_fn`` hooks) follow the reference.
 
-    The state_dict keys change (``bn`` -> ``bn.bn``); compare with :func:`run_steps`, which maps
-    them back.
+    Layers named in ``keep_full`` use ``method="full"``. The ``state_dict`` keys are unchanged.
     """
     ref = copy.deepcopy(model)
-    for child in list(ref.modules()):
+    for name, child in list(ref.named_modules()):
         for attr, sub in list(child._modules.items()):
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                child._modules[attr] = ReferenceBatchNorm(sub, method, ratio)
+                qual = f"{name}.{attr}" if name else attr
+                full = qual in keep_full
+                child._modules[attr] = ReferenceBatchNorm(
+                    sub, "full" if full else method, 1.0 if full else ratio
+                )
         if isinstance(child, FunctionalBN):
             child.bn_fn = _functional_reference(method, ratio)
     return ref
@@ -362,10 +371,8 @@ def zoo_entry(name: str) -> ZooEntry:
 
 # -- driving and comparing --------------------------------------------------------------------
 def _canonical(name: str) -> str:
-    """Map reference / compiled / GraphModule state names back to the original model's."""
-    for token in (".bn.", "_orig_mod."):
-        name = name.replace(token, "." if token == ".bn." else "")
-    return name
+    """Map compiled-module state names (``_orig_mod.x``) back to the original model's."""
+    return name.removeprefix("_orig_mod.")
 
 
 def run_steps(

@@ -1,0 +1,217 @@
+"""The ``torch.compile`` backend ``"bnrewrite"`` and an Inductor pre-grad pass.
+
+Inductor decomposes BatchNorm before its joint and post-grad passes, so the sampled statistics must
+be in the graph *before* autograd: the backend rewrites the Dynamo graph (``F.batch_norm`` calls
+with the module's buffers as placeholders) with the FX pass (:mod:`bnrewrite.passes.fx`), then
+hands it to Inductor (or to ``aot_eager`` / ``eager``). The emitted node is the registered custom
+op ``bnrewrite::sampled_batch_norm`` (CompositeImplicitAutograd), so AOTAutograd decomposes it into
+aten ops, differentiates it, and both the AOTAutograd cache and the FX graph cache can hit.
+
+Entry points:
+
+* ``torch.compile(model, backend="bnrewrite", options={...})`` -- registered through the
+  ``torch_dynamo_backends`` entry point (``bnrewrite.backend:bnrewrite_backend``), no import
+  needed. ``options`` holds :class:`bnrewrite.SamplingConfig` fields plus ``mode`` (an Inductor
+  mode, passed on), ``include`` / ``exclude`` (fnmatch patterns over module names), ``overrides``
+  and ``inner`` (``"inductor"`` default, ``"aot_eager"``, ``"eager"``). An unknown key is a
+  ``ValueError`` that names it.
+* ``make_backend(config, inner="aot_eager")`` -- a backend callable for code that builds its
+  config (``torch.compile(model, backend=make_backend(cfg))``).
+* ``SampledBatchNormPass(config)`` -- for ``torch._inductor.config.pre_grad_custom_pass``, for
+  users who keep ``backend="inductor"``; its ``uuid()`` covers the config and the source of the
+  math, so Inductor's caches stay valid.
+
+Eval-mode graphs (``training=False`` in every BN call) are compiled unchanged. A
+``BatchNorm(momentum=None)`` makes Dynamo graph-break on ``float(num_batches_tracked)``; the BN
+call then runs eagerly as PyTorch's BatchNorm (correct full-batch statistics, not sampled). Convert
+such layers with :func:`bnrewrite.convert_` first (``SampledBatchNormNd`` computes the cumulative
+factor as a tensor: no graph break) to sample them under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import fx
+
+from .config import SamplingConfig
+from .ops import config_to_str
+
+__all__ = [
+    "BACKEND_OPTIONS",
+    "SampledBatchNormPass",
+    "bnrewrite_backend",
+    "make_backend",
+    "parse_options",
+]
+
+log = logging.getLogger("bnrewrite")
+
+#: Option keys the backend accepts besides the SamplingConfig fields.
+BACKEND_OPTIONS: tuple[str, ...] = ("mode", "include", "exclude", "overrides", "inner")
+_INNER = ("inductor", "aot_eager", "eager")
+
+
+def parse_options(options: Mapping[str, Any] | None) -> tuple[SamplingConfig, dict[str, Any]]:
+    """Split ``torch.compile`` options into a config and backend settings.
+
+    An unknown key raises ``ValueError`` naming it; bad values raise the config's ``ValueError``.
+    """
+    options = dict(options or {})
+    known = (*SamplingConfig.field_names(), *BACKEND_OPTIONS)
+    for key in options:
+        if key not in known:
+            raise ValueError(
+                f"unknown bnrewrite backend option {key!r}; known options are "
+                + ", ".join(repr(k) for k in known)
+            )
+    settings = {k: options.pop(k) for k in BACKEND_OPTIONS if k in options}
+    return SamplingConfig.from_dict(options), settings
+
+
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    if mode is None or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if mode not in modes:
+        raise ValueError(
+            f"unknown Inductor mode {mode!r}; use one of {', '.join(map(repr, modes))}"
+        )
+    return dict(list_mode_options(mode))
+
+
+def _compile_inner(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str, mode: str | None
+) -> Callable[..., Any]:
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = _mode_patches(mode)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def make_backend(
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    *,
+    inner: str = "inductor",
+    mode: str | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """A ``torch.compile`` backend that rewrites BatchNorm to ``config`` and compiles with ``inner``."""
+    cfg = SamplingConfig.coerce(config)
+    if inner not in _INNER:
+        raise ValueError(f"inner must be one of {', '.join(map(repr, _INNER))}, got {inner!r}")
+    if inner == "inductor":
+        _mode_patches(mode)  # validate early
+    if cfg.uses_virtual_rows:
+        raise ValueError(
+            f"method {cfg.method!r} needs the VDN whole-graph pass; the backend supports "
+            "'full', 'ns', 'bs' and 'fs'"
+        )
+
+    def bnrewrite_compile(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from .passes.fx import rewrite_graph
+
+        report = rewrite_graph(gm, cfg, include=include, exclude=exclude, overrides=overrides)
+        gm.meta["bnrewrite"] = report
+        reports.append(report)
+        return _compile_inner(gm, example_inputs, inner, mode)
+
+    reports: list[Any] = []
+    bnrewrite_compile.config = cfg  # type: ignore[attr-defined]
+    bnrewrite_compile.reports = reports  # type: ignore[attr-defined]  # one per compiled graph
+    return bnrewrite_compile
+
+
+def bnrewrite_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """The registered backend: ``torch.compile(model, backend="bnrewrite", options={...})``.
+
+    ``torch.compile`` refuses ``mode`` and ``options`` together, so ``mode`` may also be given as an
+    option key.
+    """
+    cfg, settings = parse_options(options)
+    if mode is not None and settings.get("mode") not in (None, mode):
+        raise ValueError(f"mode given twice: {mode!r} and options['mode']={settings['mode']!r}")
+    settings.setdefault("mode", mode)
+    return make_backend(cfg, **settings)(gm, example_inputs)
+
+
+# -- Inductor pre-grad pass ---------------------------------------------------------------------
+def _custom_graph_pass_base() -> type:
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - older torch: a plain callable still works (early)
+        return object
+    return CustomGraphPass
+
+
+_SOURCES = ("config.py", "plan.py", "estimators.py", "modules.py", "ops.py", "backend.py")
+
+
+def _source_digest() -> str:
+    """Digest of the files that define the rewrite and its math (the pass is as stable as they)."""
+    here = Path(__file__).resolve().parent
+    from .passes import fx as fx_pass
+
+    digest = hashlib.sha256()
+    for path in [*(here / name for name in _SOURCES), Path(fx_pass.__file__)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
+    """``torch._inductor.config.pre_grad_custom_pass``: rewrite BatchNorm before autograd.
+
+    ``torch._inductor.config.pre_grad_custom_pass = SampledBatchNormPass(SamplingConfig("bs"))``
+    with ``backend="inductor"`` gives the same graph as ``backend="bnrewrite"``. ``uuid()`` is a
+    hash of the config, the filters and the source files of the rewrite: stable across processes,
+    so the FX graph cache and the AOTAutograd cache can hit.
+    """
+
+    def __init__(
+        self,
+        config: SamplingConfig | Mapping[str, Any] | str | None = None,
+        *,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = SamplingConfig.coerce(config)
+        self.include, self.exclude, self.overrides = include, exclude, overrides
+        self.last_report: Any = None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        from .passes.fx import rewrite_graph
+
+        self.last_report = rewrite_graph(
+            graph, self.config, include=self.include, exclude=self.exclude, overrides=self.overrides
+        )
+
+    def uuid(self) -> str:
+        overrides = sorted(
+            (k, None if v is None else config_to_str(SamplingConfig.coerce(v)))
+            for k, v in (self.overrides or {}).items()
+        )
+        key = repr(
+            (config_to_str(self.config), self.include, self.exclude, overrides, _source_digest())
+        )
+        return hashlib.sha256(key.encode()).hexdigest()
