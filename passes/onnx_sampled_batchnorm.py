@@ -26,7 +26,7 @@ Sample set (the estimator's ``gather_sample``):
 2. ``fixed`` sampling: ``Slice`` each sampled axis to ``[0, count)``: the first ``k`` rows
    (``ns``/``bs``) or the top-left patch (``fs``).
 3. ``random`` sampling: ``U = RandomUniform(shape=[R, G, A], dtype=double, seed)``, offsets
-   ``o = min(floor(U * size), size - 1)`` (int64), and along each sampled axis indices
+   ``o = int64(min(floor(U * size), size - 1))``, and along each sampled axis indices
    ``idx = (o + step * j) mod size`` of shape ``(R, G, count)``. With one group and one offset row
    this is a ``Gather``; otherwise ``idx`` is taken per channel (``Gather`` over the group of
    channel ``c``, ``c * G // C``), reshaped to broadcast over the other axes, expanded and fed to
@@ -60,11 +60,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter._basics import MatchResult
-from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from ..config import SamplingConfig
-from ..plan import SamplePlan, sample_plan
+from ..plan import SamplePlan, channel_group_of, sample_plan
 
 __all__ = [
     "ONNX_UNSUPPORTED_METHODS",
@@ -155,8 +154,9 @@ def _random_sample(
         u = op.Add(u, _const(op, (index * _GOLDEN) % 1.0, np.float64))
         u = op.Sub(u, op.Floor(u))
     sizes = [int(ax.size) for ax in plan.axes]
-    off = op.Cast(op.Floor(op.Mul(u, _const(op, sizes, np.float64))), to=int(ir.DataType.INT64))
-    off = op.Min(off, _const(op, [s - 1 for s in sizes], np.int64))  # (R, G, A)
+    off = op.Floor(op.Mul(u, _const(op, sizes, np.float64)))
+    off = op.Min(off, _const(op, [s - 1 for s in sizes], np.float64))  # (Min on int64: opset 12+)
+    off = op.Cast(off, to=int(ir.DataType.INT64))  # (R, G, A)
     shape = list(int(d) for d in plan.shape)
     sample = x
     for i, ax in enumerate(plan.axes):
@@ -171,7 +171,7 @@ def _random_sample(
             continue
         width = 1
         if groups > 1:
-            group_of = [c * groups // channels for c in range(channels)]
+            group_of = [channel_group_of(c, channels, groups) for c in range(channels)]
             idx = op.Gather(idx, _const(op, group_of, np.int64), axis=1)  # (R, C, count)
             width = channels
         if ax.axis == 0:  # rows: (1, C', k) -> (k, C', 1, ...)

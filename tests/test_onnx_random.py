@@ -138,3 +138,20 @@ def test_unseeded_layers_draw_different_positions() -> None:
     runs = _runs(ort_session(out), x, 20)
     same = sum(np.array_equal(r[1], r[4]) for r in runs)  # mu_hat of bn vs bn2
     assert same < 10
+
+
+@pytest.mark.parametrize("opset,outputs", [(11, 5), (13, 5), (15, 3), (18, 3)])
+@pytest.mark.parametrize("method,groups", [("bs", 4), ("fs", 4), ("ns", 1), ("fs", 1)])
+def test_random_sampling_at_every_opset(opset, outputs, method, groups) -> None:
+    """The random subgraph is valid ONNX at each opset form and mu_hat stays a sample mean."""
+    import onnx
+
+    shape = (8, 6, 6, 6)
+    model, _ = make_bn_model(shape, opset=opset, outputs=outputs, momentum=0.0)
+    out = bo.rewrite(model, SamplingConfig(method=method, ratio=0.25, groups=groups, seed=3))
+    onnx.checker.check_model(out, full_check=True)
+    onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    for y, mu, *_ in _runs(ort_session(out), x, 3):
+        assert y.shape == shape and np.all(np.isfinite(y))
+        assert np.all(mu >= x.min(axis=(0, 2, 3))) and np.all(mu <= x.max(axis=(0, 2, 3)))
