@@ -221,3 +221,24 @@ def test_dynamo_exporter_drops_training_bn() -> None:
         if node.op_type == "BatchNormalization":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert not attrs.get("training_mode", 0)
+
+
+def test_dangling_running_statistics_are_dropped() -> None:
+    """With ``track_running_stats=False`` the exporter feeds full-batch statistics into the BN's
+    running inputs; only the dangling running outputs read them, so after the rewrite those full
+    reductions are dead code and must be gone (else the sampled BN saves nothing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    )
+    x = torch.randn(8, 3, 8, 8)
+    plain = bo.export(model, (x,), io.BytesIO())
+    assert count_ops(plain, "ReduceMean") == 3
+    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
+    proto = bo.export(model, (x,), io.BytesIO(), config=cfg)
+    assert count_ops(proto, "ReduceMean") == 2  # the sampled mean and variance only
+    ref, _ = reference_model(model, "bs", 0.25)
+    with torch.no_grad():
+        y_ref = ref(x.double()).numpy()
+    y = list(ort_run(proto, x.numpy()).values())[0]
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)

@@ -91,8 +91,10 @@ class RefBatchNorm(nn.Module):
         super().__init__()
         self.weight = bn.weight.detach().double()
         self.bias = bn.bias.detach().double()
-        self.rm = bn.running_mean.detach().double()
-        self.rv = bn.running_var.detach().double()
+        c = bn.num_features
+        rm, rv = bn.running_mean, bn.running_var  # None for track_running_stats=False
+        self.rm = torch.zeros(c, dtype=torch.float64) if rm is None else rm.detach().double()
+        self.rv = torch.ones(c, dtype=torch.float64) if rv is None else rv.detach().double()
         self.eps, self.m = bn.eps, 1.0 - bn.momentum  # ONNX momentum weights the old value
         self.method, self.ratio = method, ratio
         self.new_rm = self.new_rv = None

@@ -9,7 +9,8 @@ training mode with its BatchNorm kept as training BN, and rewrites it when a con
 Pipeline of ``rewrite``: (1) inline the model-local functions that contain a
 ``BatchNormalization`` (function bodies carry no shapes), (2) ONNX shape inference (the rule needs
 static input shapes), (3) the rule set, one rule per output count, on the main graph and every
-control-flow subgraph. See ``docs/onnx.md``.
+control-flow subgraph, (4) removal of the nodes nobody reads any more (running statistics that
+were dangling outputs of the old node). See ``docs/onnx.md``.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def _rewrite_ir(model: ir.Model, cfg: SamplingConfig) -> RewriteReport:
         ir_common.InlinePass(criteria=_has_batchnorm)(model)
     ir_common.ShapeInferencePass(strict_mode=False)(model)
     report = RewriteReport()
-    # Unused outputs of the old node (running statistics the exporter left dangling) keep their
-    # names and computations, as in the original graph: no dead-node removal here.
-    sampled_batchnorm_rules(cfg, report).apply_to_model(model)
+    if sampled_batchnorm_rules(cfg, report).apply_to_model(model):
+        # Running statistics nobody reads (the exporter leaves them dangling) and their inputs
+        # are dead code now: drop them. Declared or used ones are kept under their names.
+        ir_common.RemoveUnusedNodesPass()(model)
     logger.info("bnrewrite.onnx: %s", report.summary())
     return report
 
