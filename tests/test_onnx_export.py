@@ -200,6 +200,18 @@ def test_onnxruntime_pitfalls() -> None:
         y = default.run(None, {default.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
+    # Random sampling survives every optimisation level too (nothing folds the random draws):
+    # a seeded model gives the same sequence at every level.
+    sampled = bo.rewrite(original, SamplingConfig(method="fs", ratio=0.25, seed=5))
+    runs = [
+        [list(ort_run(sess, x.numpy()).values())[0] for _ in range(3)]
+        for sess in (ort_session(sampled, level) for level in LEVELS)
+    ]
+    for level, seq in zip(LEVELS, runs):
+        for y, y0 in zip(seq, runs[0]):
+            np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5, err_msg=str(level))
+    assert not np.allclose(runs[0][0], runs[0][1])
+
 
 @pytest.mark.slow
 def test_dynamo_exporter_drops_training_bn() -> None:
