@@ -237,9 +237,14 @@ def _layer_variants(
     device: str,
     layout: str,
     methods: list[tuple[str, str, float]],
-    with_compile: bool,
+    phase: str,
     with_kernels: bool,
-) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+) -> dict[str, Callable[[], Any]]:
+    """Forward + backward closures of one BN shape.
+
+    ``phase="base"``: cuDNN / native BN, the fused kernels, and (CPU) the eager torch estimator;
+    ``phase="compile"``: ``torch.compile`` of BN and of the torch estimator (seconds per compile).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -269,9 +274,9 @@ def _layer_variants(
         return F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
 
     variants: dict[str, Callable[[], Any]] = {}
-    notes: list[str] = []
-    variants["cudnn" if device == "cuda" else "native"] = step(bn)
-    if with_compile:
+    if phase == "base":
+        variants["cudnn" if device == "cuda" else "native"] = step(bn)
+    else:
         variants["compile bn"] = step(torch.compile(bn, dynamic=False))
     for label, method, ratio in methods:
         cfg = SamplingConfig(method=method, ratio=ratio)
@@ -282,48 +287,56 @@ def _layer_variants(
         def fused(x, w, b, rm, rv, cfg=cfg):  # noqa: ANN001
             return fused_sampled_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, config=cfg)
 
-        if with_kernels:
-            variants[f"kernels {label}"] = step(fused)
-        if with_compile:
+        if phase == "base":
+            if with_kernels:
+                variants[f"kernels {label}"] = step(fused)
+            if device != "cuda":
+                variants[f"torch {label}"] = step(sampled)
+        else:
             variants[f"compile torch {label}"] = step(torch.compile(sampled, dynamic=False))
-        elif device != "cuda":
-            variants[f"torch {label}"] = step(sampled)
-    return variants, notes
+    return variants
 
 
-def _layer_table(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+def _layer_table(
+    args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any], phase: str
+) -> None:
+    """Fill ``result["layers"]``: ``phase="base"`` for every shape, then ``"compile"`` for some."""
     import torch
 
     device, dtype, small = ctx["device"], ctx["dtype"], ctx["small"]
-    shapes = _parse_shapes(args.shapes, small, ctx["batch"])
     methods = _parse_methods(args.methods)
-    compile_mode = args.compile
-    if compile_mode == "auto":
-        compile_mode = "anchors" if device == "cuda" else "none"
-    anchors = {s[1:] for s in _parse_shapes("anchors", small, ctx["batch"])}
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = []
-    for shape in shapes:
-        numel = math.prod(shape)
-        row: dict[str, Any] = {
-            "shape": list(shape),
-            "bytes": numel * itemsize,
-            "roofline_5pass_ms": roofline_ms(numel, itemsize, 5),
-            "roofline_8pass_ms": roofline_ms(numel, itemsize, 8),
-            "times": {},
-        }
-        rows.append(row)
-        with_compile = compile_mode == "all" or (compile_mode == "anchors" and shape[1:] in anchors)
-        # compiles take ~5-15 s each on the GPU machine: keep a reserve for the rest
-        if with_compile and budget.left() < 60 + 30 * (1 + len(methods)):
-            with_compile = False
-            result["skipped"].append(f"compile variants at {shape}: budget")
-        if budget.left() < 10:
-            result["skipped"].append(f"layer {shape}: budget")
+    if phase == "base":
+        for shape in _parse_shapes(args.shapes, small, ctx["batch"]):
+            numel = math.prod(shape)
+            result["layers"].append(
+                {
+                    "shape": list(shape),
+                    "bytes": numel * itemsize,
+                    "roofline_5pass_ms": roofline_ms(numel, itemsize, 5),
+                    "roofline_8pass_ms": roofline_ms(numel, itemsize, 8),
+                    "times": {},
+                }
+            )
+        rows = result["layers"]
+    else:
+        mode = args.compile
+        if mode == "auto":
+            mode = "anchors" if device == "cuda" else "none"
+        if mode == "none":
+            return
+        anchors = {s[1:] for s in _parse_shapes("anchors", small, ctx["batch"])}
+        rows = [r for r in result["layers"] if mode == "all" or tuple(r["shape"][1:]) in anchors]
+    for row in rows:
+        shape = tuple(row["shape"])
+        # a compile takes ~5-15 s on the GPU machine; the base row takes a few seconds
+        need = (15 * (1 + len(methods)) if device == "cuda" else 5) if phase == "compile" else 5
+        if budget.left() < need:
+            result["skipped"].append(f"layer {phase} {shape}: budget ({budget.left():.0f} s left)")
             continue
         try:
-            variants, notes = _layer_variants(
-                shape, dtype, device, args.layout, methods, with_compile, ctx["kernels"]
+            variants = _layer_variants(
+                shape, dtype, device, args.layout, methods, phase, ctx["kernels"]
             )
         except Exception as e:  # e.g. out of memory
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -340,7 +353,6 @@ def _layer_table(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[s
         _free()
         _ratios(row, methods, device)
         _print_row(row)
-    result["layers"] = rows
 
 
 def _ratios(row: dict[str, Any], methods: list[tuple[str, str, float]], device: str) -> None:
@@ -469,7 +481,10 @@ def _e2e_variant(
     }
 
 
-def _e2e(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+def _e2e(
+    args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any], phase: str
+) -> None:
+    """ResNet-50 steps: ``phase="core"`` plain BN and the fused first method; ``"extra"`` the rest."""
     small = ctx["small"]
     batch = ctx["batch"] if small else (args.batch or 256)
     size = 64 if small else 224
@@ -477,15 +492,22 @@ def _e2e(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]
     methods = _parse_methods(args.methods)
     first = methods[0][1:] if methods else ("bs", 0.125)
     spec = f"{first[0]} {first[1]}"
-    names = ["plain"]
-    if ctx["kernels"]:
-        names.append(f"fused {spec}")
-    if not ctx["small"]:
-        names.append(f"backend {spec}")
-        names += [f"fused {m} {r}" for _, m, r in methods[1:]]
-        names.append(f"torch {spec}")
+    if phase == "core":
+        names = ["plain"]
+        if ctx["kernels"]:
+            names.append(f"fused {spec}")
+        if small:
+            names.append(f"torch {spec}")
+    elif small:
+        return
     else:
+        names = [f"backend {spec}"]
+        names += [f"fused {m} {r}" for _, m, r in methods[1:]] if ctx["kernels"] else []
         names.append(f"torch {spec}")
+    if result["e2e"] is not None:
+        out = result["e2e"]
+        _e2e_run(names, ctx, budget, result, out, batch, size, steps)
+        return
     out: dict[str, Any] = {
         "model": "resnet50 (torchvision architecture, bnrewrite.resnet50)"
         if not small
@@ -498,7 +520,22 @@ def _e2e(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]
         "variants": {},
     }
     result["e2e"] = out
-    est = 30.0 if small else 120.0  # first-compile estimate; replaced by what we measure
+    _e2e_run(names, ctx, budget, result, out, batch, size, steps)
+
+
+def _e2e_run(
+    names: list[str],
+    ctx: dict[str, Any],
+    budget: _Budget,
+    result: dict[str, Any],
+    out: dict[str, Any],
+    batch: int,
+    size: int,
+    steps: int,
+) -> None:
+    small = ctx["small"]
+    # first-compile estimate (s); replaced by what the previous variant took
+    est = ctx.setdefault("e2e_estimate", 30.0 if small else 110.0)
     for name in names:
         if budget.left() < est * 1.15 + 5:
             result["skipped"].append(f"e2e {name}: budget ({budget.left():.0f} s left)")
@@ -512,7 +549,7 @@ def _e2e(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]
         spent = time.perf_counter() - t0
         out["variants"][name]["wall_s"] = round(spent, 1)
         if "error" not in out["variants"][name]:
-            est = max(est * 0.5, spent)
+            est = ctx["e2e_estimate"] = max(est * 0.5, spent)
         v = out["variants"][name]
         msg = f"{v['step_ms']:.2f} ms/step" if "step_ms" in v else v.get("error", "")
         print(f"  resnet50 {name:>18}: {msg} (wall {spent:.0f} s)", flush=True)
@@ -623,9 +660,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  checks: {len(result['checks']) - len(bad)}/{len(result['checks'])} ok", flush=True
         )
-    _layer_table(args, ctx, budget, result)
+    # cheap rows first, then the ResNet-50 step, then what needs many compiles
+    _layer_table(args, ctx, budget, result, "base")
     if not args.no_e2e:
-        _e2e(args, ctx, budget, result)
+        _e2e(args, ctx, budget, result, "core")
+    _layer_table(args, ctx, budget, result, "compile")
+    if not args.no_e2e:
+        _e2e(args, ctx, budget, result, "extra")
     result["meta"]["elapsed_s"] = round(budget.elapsed(), 1)
     _summary(result)
     if args.out:

@@ -1,0 +1,103 @@
+"""Turn a ``bnrewrite bench --out`` JSON file into the markdown section of BENCHMARKS.md.
+
+python bench/to_markdown.py results.json >> BENCHMARKS.md   (then edit the prose)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def _t(entry: dict[str, Any] | None) -> float | None:
+    if not entry or "error" in entry:
+        return None
+    return entry.get("graph_ms", entry.get("ms"))
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    lines = [
+        f"## {meta['date']} — {meta['device']} ({meta['mode']} mode)",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}; "
+        f"{meta['dtype']}, layout {meta['layout']}, batch {meta['batch']}; "
+        f"timing: {meta['timing']}; elapsed {meta.get('elapsed_s')} s.",
+    ]
+    bw = meta.get("copy_bw_measured")
+    if bw:
+        lines.append(f"Measured copy bandwidth: {bw / 1e12:.2f} TB/s (roofline uses 4.2 TB/s).")
+    checks = data.get("checks") or []
+    if checks:
+        ok = sum(c["ok"] for c in checks)
+        lines.append(f"Kernel checks against the torch estimator: {ok}/{len(checks)} ok.")
+    lines.append("")
+    rows = data.get("layers") or []
+    names: list[str] = []
+    for row in rows:
+        for name in row.get("times", {}):
+            if name not in names:
+                names.append(name)
+    if rows:
+        lines.append("Forward + backward per BN layer, ms (CUDA-graph median where it captured):")
+        lines.append("")
+        head = ["shape", "5-pass roofline"] + names
+        kern = [n for n in names if n.startswith("kernels")]
+        head += [f"{n}: % roofline / vs cuDNN / vs compile BN" for n in kern]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + " --- |" * len(head))
+        for row in rows:
+            cells = ["×".join(str(s) for s in row["shape"]), _fmt(row["roofline_5pass_ms"])]
+            cells += [_fmt(_t(row["times"].get(n))) for n in names]
+            for n in kern:
+                r = row.get("ratios", {}).get(n, {})
+                cells.append(
+                    f"{_fmt(r.get('pct_roofline'), 0)}% / {_fmt(r.get('speedup_vs_cudnn'), 2)}× / "
+                    f"{_fmt(r.get('speedup_vs_compile_bn'), 2)}×"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    e2e = data.get("e2e")
+    if e2e and e2e.get("variants"):
+        lines.append(
+            f"ResNet-50 training step ({e2e['model']}, batch {e2e['batch']}, {e2e['dtype']}, "
+            f"compile={e2e['compile']}, median of {e2e['steps']} steps):"
+        )
+        lines.append("")
+        lines.append("| variant | ms/step | vs plain | first step (s) |")
+        lines.append("| --- | --- | --- | --- |")
+        for name, v in e2e["variants"].items():
+            if "error" in v:
+                lines.append(f"| {name} | error: {v['error'][:120]} | | |")
+                continue
+            sp = v.get("speedup_vs_plain")
+            lines.append(
+                f"| {name} | {v['step_ms']:.2f} | {_fmt(sp, 3)}× | {v.get('first_step_s', '')} |"
+            )
+        lines.append("")
+    targets = data.get("targets") or {}
+    if targets:
+        met = [k for k, v in targets.items() if all(v.values())]
+        lines.append(f"Issue-8 targets met: {len(met)}/{len(targets)}.")
+        missed = [
+            f"{k} ({', '.join(t for t, ok in v.items() if not ok)})"
+            for k, v in targets.items()
+            if k not in met
+        ]
+        if missed:
+            lines.append("Missed: " + "; ".join(missed) + ".")
+        lines.append("")
+    if data.get("skipped"):
+        lines.append("Skipped (time budget or errors): " + "; ".join(data["skipped"]) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(to_markdown(json.load(f)))
