@@ -155,3 +155,33 @@ def test_random_sampling_at_every_opset(opset, outputs, method, groups) -> None:
     for y, mu, *_ in _runs(ort_session(out), x, 3):
         assert y.shape == shape and np.all(np.isfinite(y))
         assert np.all(mu >= x.min(axis=(0, 2, 3))) and np.all(mu <= x.max(axis=(0, 2, 3)))
+
+
+def test_random_feature_sampling_lattice_per_row_and_group() -> None:
+    """fs on (2, C, 6, 6) with ratio 1/4: per axis 3 of 6 positions with step 2, so a row's
+    lattice is the even or the odd positions of each axis. Row 0 holds ``h * 6 + w``, row 1 the
+    same times 100, every channel alike: ``mu_hat`` decodes the lattice of both rows. Channels of
+    one group take the same lattice; rows draw their own (both equal and different phases occur)."""
+    h = np.arange(6, dtype=np.float64)
+    base = h[:, None] * 6 + h[None, :]
+    c, groups = 4, 2
+    x = np.stack([np.broadcast_to(base, (c, 6, 6)), np.broadcast_to(base * 100, (c, 6, 6))])
+    x = x.astype(np.float32)
+    lattice = {(ph, pw): base[ph::2, pw::2].mean() for ph in (0, 1) for pw in (0, 1)}
+    decode = {
+        (a, b): (lattice[a] + 100 * lattice[b]) / 2 for a in lattice for b in lattice
+    }  # (row-0 phase, row-1 phase) -> mu_hat
+    cfg = SamplingConfig(method="fs", ratio=1 / 4, groups=groups, seed=1)
+    model, _ = _stats_model(x.shape, cfg)
+    same_phase = other_phase = 0
+    for _y, mu, _var in _runs(ort_session(model), x, 30):
+        phases = []
+        for ch in range(c):
+            key = min(decode, key=lambda k: abs(decode[k] - mu[ch]))
+            assert abs(decode[key] - mu[ch]) < 1e-3
+            phases.append(key)
+        assert phases[0] == phases[1] and phases[2] == phases[3]  # groups {0, 1}, {2, 3}
+        for key in (phases[0], phases[2]):
+            same_phase += key[0] == key[1]
+            other_phase += key[0] != key[1]
+    assert same_phase and other_phase
