@@ -14,9 +14,10 @@ once with plain BatchNorm and once per method, for several seeds, and writes:
 Methods: ``bn`` (full BatchNorm, PyTorch's own), ``ns``, ``bs``, ``fs``, ``vdn``, ``fs_vdn``
 (BatchNorm with sampled statistics, :class:`bnrewrite.SamplingConfig`) and ``gn`` (the same network
 with GroupNorm). :func:`apply_method` is the one place that turns a method into a model: ``ns``/
-``bs``/``fs`` go through ``bnrewrite.convert_`` (module form, the same estimator math as the FX
-pass); ``vdn``/``fs_vdn`` need the VDN whole-graph pass (``bnrewrite.rewrite``), which appends the
-virtual rows, and are reported as "not available yet" when ``bnrewrite.passes.vdn`` is missing.
+``bs``/``fs`` go through the FX pass ``bnrewrite.rewrite`` (``--via module``: ``bnrewrite.convert_``,
+the module form with the same estimator math); ``vdn``/``fs_vdn`` through the VDN whole-graph pass
+(``bnrewrite.passes.vdn``), which appends the virtual rows to the input and strips them from the
+outputs, and are reported as "not available yet" when that pass is missing.
 
 Default ratios (why): the digits are 8x8 and the ResNet's stages see 8x8, 4x4 and 2x2 maps, with a
 batch of 64.
@@ -144,26 +145,56 @@ def method_config(
     )
 
 
-def apply_method(model: nn.Module, config: SamplingConfig | None) -> nn.Module:
-    """Give ``model``'s BatchNorm layers the sampled statistics of ``config``.
+VIAS: tuple[str, ...] = ("fx", "module")
 
-    The single place where a method meets a model, so that it can move to the FX pass
-    (``bnrewrite.rewrite``) without touching the training loop. ``ns``/``bs``/``fs`` use
-    ``bnrewrite.convert_`` (the module form: same estimators, ``model`` changed in place);
-    ``vdn``/``fs_vdn`` need the VDN whole-graph pass, which appends virtual rows to the input and
-    strips them from the outputs.
+
+def fx_available() -> bool:
+    """True when the FX pass (``bnrewrite.passes.fx``, behind ``bnrewrite.rewrite``) is importable."""
+    try:
+        return importlib.util.find_spec("bnrewrite.passes.fx") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def apply_method(model: nn.Module, config: SamplingConfig | None, via: str = "fx") -> nn.Module:
+    """A model whose BatchNorm layers take the sampled statistics of ``config``.
+
+    The single place where a method meets a model. ``ns``/``bs``/``fs``: ``via="fx"`` (default)
+    uses the FX pass ``bnrewrite.rewrite`` (a new ``GraphModule``; ``model`` is left as it was),
+    ``via="module"`` -- or ``fx`` when the pass is not installed -- ``bnrewrite.convert_`` (the
+    module form, the same estimators, ``model`` changed in place). ``vdn``/``fs_vdn``: the VDN
+    whole-graph pass (``bnrewrite.passes.vdn.rewrite_vdn``), which appends the virtual rows to the
+    input and strips them from the outputs; :class:`MethodUnavailable` when it is missing.
+    Build the optimiser from the returned model's parameters.
     """
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
     if config is None or config.method == "full":
         return model
     if config.uses_virtual_rows:
         if not vdn_available():
             raise MethodUnavailable(f"not available yet ({VDN_MODULE} is not importable)")
+        from .passes.vdn import rewrite_vdn
+
+        return rewrite_vdn(model, config)
+    if via == "fx" and fx_available():
         from . import rewrite
 
         return rewrite(model, config)
     from .modules import convert_
 
     return convert_(model, config)
+
+
+def applied_via(method: str, via: str) -> str:
+    """How :func:`apply_method` applies ``method`` (for the results' metadata)."""
+    if method == "bn":
+        return "torch.nn.BatchNorm2d"
+    if method == "gn":
+        return "torch.nn.GroupNorm"
+    if method in ("vdn", "fs_vdn"):
+        return "bnrewrite.passes.vdn.rewrite_vdn"
+    return "bnrewrite.rewrite (FX pass)" if via == "fx" and fx_available() else "bnrewrite.convert_"
 
 
 def build_model(method: str, dataset: Dataset, width: int = 16, blocks: int = 1) -> nn.Module:
@@ -186,6 +217,7 @@ class DemoOptions:
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
     progress: bool = True
     eval_batch: int = 512
+    via: str = "fx"
 
     @property
     def learning_rate(self) -> float:
@@ -202,6 +234,7 @@ class RunResult:
     steps: int = 0
     train_seconds: float = 0.0
     config: dict[str, Any] | None = None
+    via: str = ""
 
     @property
     def ok(self) -> bool:
@@ -242,10 +275,11 @@ def train_one(
     """Train one (method, seed) and evaluate after every epoch."""
     cfg = method_config(method, opts.ratios, opts.groups, opts.vdn_samples)
     result = RunResult(method, seed, "ok", config=cfg.to_dict() if cfg else None)
+    result.via = applied_via(method, opts.via)
     torch.manual_seed(seed)
     model = build_model(method, dataset, opts.width, opts.blocks)
     try:
-        model = apply_method(model, cfg)
+        model = apply_method(model, cfg, opts.via)
     except MethodUnavailable as e:
         result.status = str(e)
         return result
@@ -504,6 +538,7 @@ def write_outputs(
                 "seed": r.seed,
                 "status": r.status,
                 "config": r.config,
+                "via": r.via,
                 "final_test_acc": r.final_acc,
                 "test_acc": r.test_acc,
                 "train_loss": r.train_loss,
@@ -594,6 +629,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="torch CPU threads (default 1: small ops run fastest single-threaded)",
     )
+    p.add_argument(
+        "--via",
+        choices=VIAS,
+        default="fx",
+        help="apply ns/bs/fs with the FX pass bnrewrite.rewrite (default) or bnrewrite.convert_",
+    )
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -653,12 +694,14 @@ def run(args: argparse.Namespace) -> int:
         vdn_samples=args.vdn_samples,
         ratios=ratios,
         progress=not args.no_progress,
+        via=args.via,
     )
     for m in methods:  # validate every config before training anything
         method_config(m, opts.ratios, opts.groups, opts.vdn_samples)
     dataset = load_dataset(args.data_dir)
     if args.quick:
-        dataset = dataset.subset(train=max(256, 4 * batch), test=128)
+        train = 64 if batch <= MICRO_BATCH else max(256, 4 * batch)
+        dataset = dataset.subset(train=train, test=128)
     torch.set_num_threads(args.threads)
     seeds = list(range(n_seeds))
     started = datetime.now(timezone.utc)
@@ -683,7 +726,7 @@ def run(args: argparse.Namespace) -> int:
         "lr": opts.learning_rate,
         "width": opts.width,
         "quick": bool(args.quick),
-        "via": "bnrewrite.convert_ (ns/bs/fs), bnrewrite.rewrite (vdn/fs_vdn)",
+        "via": {m: applied_via(m, opts.via) for m in methods},
     }
     rows, _results, paths = run_demo(dataset, methods, seeds, opts, out, meta)
     elapsed = time.perf_counter() - t0

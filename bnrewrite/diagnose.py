@@ -251,8 +251,9 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         )
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
-            f"--checkpoint {str(p)!r} is not a bn_model.pt written by bnrewrite demo: {e}"
+            f"--checkpoint {str(p)!r} is not a bn_model.pt written by bnrewrite demo ({first})"
         ) from None
     return model
 
