@@ -75,7 +75,10 @@ def draw_offsets(plan: SamplePlan, device: torch.device, seed: int | None = None
         return None
     gen = _generator(seed, device)
     shape = (plan.offset_rows, plan.groups, len(plan.axes))
-    u = torch.rand(shape, device=device, generator=gen, dtype=torch.float64)
+    if gen is None:  # the generator= overload of rand refuses symbolic sizes (dynamic=True)
+        u = torch.rand(shape, device=device, dtype=torch.float64)
+    else:
+        u = torch.rand(shape, device=device, generator=gen, dtype=torch.float64)
     cols = [
         torch.clamp((u[..., i] * ax.size).floor().long(), max=ax.size - 1)
         for i, ax in enumerate(plan.axes)
