@@ -254,3 +254,32 @@ def test_dangling_running_statistics_are_dropped() -> None:
         y_ref = ref(x.double()).numpy()
     y = list(ort_run(proto, x.numpy()).values())[0]
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_mode_bn_inside_training_model_is_left_alone() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8),
+        )
+    )  # fmt: skip
+    model.train()
+    model[4].eval()
+    x = torch.randn(8, 3, 10, 10)
+    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
+    original = bo.export(model, (x,), io.BytesIO())
+    assert model.training and not model[4].training  # modes restored one by one
+    proto, report = bo.rewrite_with_report(original, cfg)
+    assert len(report.rewritten) == 1 and len(report.skipped) == 1
+    assert "inference mode" in report.skipped[0][1]
+    assert count_ops(proto, "BatchNormalization") == 1
+    ref, refs = reference_model(model, "bs", 0.25)
+    ref[4] = copy.deepcopy(model[4]).double().eval()  # the eval BN: running statistics
+    with torch.no_grad():
+        y_ref = ref(x.double()).numpy()
+    y = list(ort_run(proto, x.numpy()).values())[0]
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        y_fx = bnrewrite.rewrite(copy.deepcopy(model), cfg)(x).numpy()
+    np.testing.assert_allclose(y, y_fx, rtol=1e-4, atol=1e-4)

@@ -114,16 +114,22 @@ def rewrite(
 
 @contextlib.contextmanager
 def _training_mode_preserved(module: Any):
-    """Export in train mode, then restore the mode and every buffer the trace updated."""
+    """Export in train mode, then restore the modes and every buffer the trace updated.
+
+    A module in eval mode is switched to train mode as a whole; a module already in train mode is
+    exported as it is, so that a BN the user put in eval mode inside it stays inference BN.
+    """
     import torch
 
-    was_training = module.training
+    modes = {name: sub.training for name, sub in module.named_modules()}
     saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
-    module.train()
+    if not module.training:
+        module.train()
     try:
         yield saved
     finally:
-        module.train(was_training)
+        for name, sub in module.named_modules():
+            sub.training = modes.get(name, sub.training)
         with torch.no_grad():
             for name, buf in module.named_buffers():
                 if name in saved:
@@ -195,12 +201,15 @@ def export(
 ) -> onnx.ModelProto:
     """Export ``model`` in training mode with training ``BatchNormalization``, rewritten if ``config``.
 
-    Uses torch's TorchScript ("legacy") exporter with ``training=TrainingMode.TRAINING`` and no
-    constant folding: torch's default (dynamo) exporter ignores ``training=`` and emits inference
-    BN folded into the Conv. The trace runs the module once in train mode, which updates the BN
-    buffers; the module's mode and buffers are restored afterwards and the exported running
-    statistics are the values from before the call. ``f`` is a path (written atomically) or a
-    binary file object. Returns the written ``ModelProto``.
+    Uses torch's TorchScript ("legacy") exporter, ``dynamo=False``, without constant folding:
+    torch's default (dynamo) exporter ignores ``training=`` and emits inference BN folded into the
+    Conv. A module in eval mode is put in train mode for the export; in a module already in train
+    mode, BN layers the user set to eval mode stay inference BN (the exporter runs with
+    ``TrainingMode.PRESERVE``, as ``TRAINING`` would switch every submodule to train mode) and the
+    rewrite leaves them alone. The trace runs the module once, which updates the BN buffers; modes
+    and buffers are restored afterwards and the exported running statistics are the values from
+    before the call. ``f`` is a path (written atomically) or a binary file object. Returns the
+    written ``ModelProto``.
 
     The exporter leaves the updated running statistics of each BN as unused node outputs;
     ``running_stats_outputs=True`` declares them as graph outputs (after the model's outputs, two
@@ -221,7 +230,7 @@ def export(
             tuple(args),
             buffer,
             dynamo=False,
-            training=torch.onnx.TrainingMode.TRAINING,
+            training=torch.onnx.TrainingMode.PRESERVE,  # train mode set by the context
             do_constant_folding=False,
             opset_version=opset,
             input_names=list(input_names) if input_names else None,
