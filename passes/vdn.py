@@ -872,7 +872,9 @@ class _Analyzer:
             start = self._arg(node, 1, ("start_dim",), 0)
             end = self._arg(node, 2, ("end_dim",), -1)
             rank = self._rank(x)
-            if self._norm_dim(node, start, rank) == 0 and self._norm_dim(node, end, rank) != 0:
+            if self._norm_dim(node, start, rank) == 0:
+                if end == 0 or (rank is not None and self._norm_dim(node, end, rank) == 0):
+                    return BATCH  # flatten(0, 0): nothing merged
                 self.refuse(node, "flattens the batch dim into the features (use flatten(1))")
             return BATCH
         if base == "unsqueeze":
@@ -1478,6 +1480,20 @@ class _Emitter:
         device = g.call_function(getattr, (x, "device"))
         return g.call_function(torch.randn, (size,), {"dtype": dtype, "device": device})
 
+    def affine(self, virt: fx.Node, moments: tuple[Tensor, Tensor], index: int) -> fx.Node:
+        """``mean + std * virt`` with the moments stored as buffers of the GraphModule."""
+        g = self.graph
+        nodes = []
+        for kind, value in zip(("mean", "std"), moments, strict=True):
+            name = f"_vdn_{kind}_{index}"
+            self.gm.register_buffer(name, torch.as_tensor(value).detach().clone())
+            nodes.append(g.get_attr(name))
+        mean, std = nodes
+        if self.aten:
+            scaled = g.call_function(aten.mul.Tensor, (virt, std))
+            return g.call_function(aten.add.Tensor, (scaled, mean))
+        return g.call_function(operator.add, (g.call_function(operator.mul, (virt, std)), mean))
+
     def cat(self, x: fx.Node, v: fx.Node) -> fx.Node:
         target = aten.cat.default if self.aten else torch.cat
         return self.graph.call_function(target, ([x, v], 0))
@@ -1510,6 +1526,7 @@ def rewrite_vdn(
     tracer_kwargs: Mapping[str, Any] | None = None,
     batch_inputs: Sequence[str] | None = None,
     example_inputs: Sequence[Any] | None = None,
+    virtual_moments: Any = None,
 ) -> Any:
     """Apply VDN / FS+VDN to a whole model or graph; returns a ``GraphModule``.
 
@@ -1522,7 +1539,10 @@ def rewrite_vdn(
     ranks, which resolves negative dims and ``view(-1, ...)`` (the model's state is restored).
     ``include`` / ``exclude`` / ``overrides`` as for :func:`bnrewrite.passes.fx.rewrite`, except that
     every training-mode BN must end up with a ``vdn``/``fs_vdn`` config of the same
-    ``vdn_samples``. Raises :class:`BatchMixingError` (a ``ValueError``) naming the offending node
+    ``vdn_samples``. ``virtual_moments``: ``(mean, std)`` tensors broadcastable to one sample
+    (``x.shape[1:]``), or a dict ``{input name: (mean, std)}``: the virtual rows become
+    ``mean + std * z`` with ``z`` standard normal (per-feature moment-matched noise; default
+    ``None``, plain standard normal). Raises :class:`BatchMixingError` (a ``ValueError``) naming the offending node
     when the graph cannot be proven batch-independent; the input is then left untouched.
     """
     cfg = SamplingConfig.coerce(config if config is not None else "vdn")
@@ -1594,6 +1614,9 @@ def rewrite_vdn(
             old_users = set(x.users)
             seed = (cfg.seed or 0) + i
             virt = emitter.virtual(x, rows, cfg, seed)
+            moments = _moments_for(virtual_moments, x.name, i)
+            if moments is not None:
+                virt = emitter.affine(virt, moments, i)
             joined = emitter.cat(x, virt)
             x.replace_all_uses_with(joined, delete_user_cb=lambda u, o=old_users: u in o)
             report.batch_inputs.append(x.name)
@@ -1621,6 +1644,20 @@ def rewrite_vdn(
     gm.meta["bnrewrite_vdn"] = report
     log.info("%s", report)
     return (gm, report) if return_report else gm
+
+
+def _moments_for(moments: Any, name: str, index: int) -> tuple[Tensor, Tensor] | None:
+    if moments is None:
+        return None
+    if isinstance(moments, Mapping):
+        return moments.get(name)
+    if index > 0:
+        raise ValueError(
+            "virtual_moments given as one (mean, std) pair but the graph has several batch "
+            "inputs; pass a dict {input name: (mean, std)}"
+        )
+    mean, std = moments
+    return mean, std
 
 
 def _clear_stale_meta(gm: fx.GraphModule, analysis: Analysis) -> None:

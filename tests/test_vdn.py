@@ -1,0 +1,446 @@
+"""VDN / FS+VDN whole-graph pass (issue 6): decoupling, references, refusals, eval mode, graphs.
+
+The references here are written from DESIGN.md and docs/vdn.md alone (no bnrewrite import): a
+BatchNorm whose statistics come from the last ``V`` rows of its input (``vdn``), or from those and
+the fixed ``fs`` sample of the real rows (``fs_vdn``: top-left patch of side
+``take(S_i, ratio ** (1/d))``, or the first ``take(N, ratio)`` rows for ``(N, C)`` inputs), run on
+``cat([x, virtual_rows])`` and cut back to ``N`` rows. Fixed virtual rows are documented as
+``torch.randn((V, *x.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=float64)``
+cast to ``x``'s dtype (seed ``config.seed or 0``, plus ``i`` for the ``i``-th batch input).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bnrewrite.passes.vdn import BatchMixingError, analyze, rewrite_vdn  # noqa: E402
+from zoo import zoo_entry  # noqa: E402
+
+from bnrewrite import SamplingConfig  # noqa: E402
+
+V = 2
+
+
+# -- the independent reference ---------------------------------------------------------------------
+def _take(size: int, f: float) -> int:
+    return max(1, min(size, math.ceil(size * f - 1e-9)))
+
+
+def ref_virtual_rows(x: Tensor, rows: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((rows, *x.shape[1:]), generator=g, dtype=torch.float64).to(x.dtype)
+
+
+class RefVDNBatchNorm(nn.Module):
+    """BN with statistics over the virtual rows (+ the fixed fs sample of the real rows)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, method: str, ratio: float) -> None:
+        super().__init__()
+        self.bn, self.method, self.ratio = bn, method, ratio
+
+    def forward(self, h: Tensor) -> Tensor:
+        bn = self.bn
+        if not self.training:
+            return F.batch_norm(
+                h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps
+            )
+        real, virt = h[:-V], h[-V:]
+        parts = [virt]
+        if self.method == "fs_vdn":
+            spatial = real.shape[2:]
+            if not spatial:
+                parts.append(real[: _take(real.shape[0], self.ratio)])
+            else:
+                side = self.ratio ** (1 / len(spatial))
+                idx = (slice(None), slice(None), *(slice(0, _take(s, side)) for s in spatial))
+                parts.append(real[idx])
+        flat = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
+        n = flat.shape[1]
+        mean = flat.mean(1)
+        var = (flat - mean[:, None]).square().mean(1)
+        shape = [1, -1] + [1] * (h.dim() - 2)
+        y = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+        if bn.weight is not None:
+            y = y * bn.weight.view(shape) + bn.bias.view(shape)
+        if bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            with torch.no_grad():
+                bn.running_mean.mul_(1 - m).add_(m * mean)
+                bn.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
+        return y
+
+
+class RefVDNModel(nn.Module):
+    def __init__(self, model: nn.Module, method: str, ratio: float, seed: int = 0) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(model)
+        for child in list(self.inner.modules()):
+            for name, sub in list(child._modules.items()):
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    child._modules[name] = RefVDNBatchNorm(sub, method, ratio)
+        self.seed = seed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.inner(x)
+        full = torch.cat([x, ref_virtual_rows(x, V, self.seed)], 0)
+        return self.inner(full)[: x.shape[0]]
+
+
+def _steps(model: nn.Module, x: Tensor, steps: int = 2) -> dict[str, Tensor]:
+    """Two SGD steps; outputs, input gradients and the final buffers."""
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    for step in range(steps):
+        xi = (x + step).requires_grad_(True)
+        y = model(xi)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=y.dtype)
+        (y * w).sum().backward()
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), xi.grad
+        with torch.no_grad():
+            for p in params.values():
+                p -= 0.1 * p.grad
+                p.grad = None
+    for name, b in model.named_buffers():
+        key = name.replace("inner.", "").replace(".bn.", ".")
+        out["buf." + key] = b.detach().clone()
+    return out
+
+
+# -- acceptance 1: decoupling ------------------------------------------------------------------
+DECOUPLING = ["resnet_basic", "resnet_bottleneck", "densenet_block", "mlp_bn1d"]
+
+
+def _other_batch(x: Tensor) -> Tensor:
+    other = x.clone()
+    g = torch.Generator().manual_seed(42)
+    other[1:] = torch.randn(other[1:].shape, generator=g, dtype=x.dtype) * 5 - 1
+    return other
+
+
+@pytest.mark.parametrize("name", DECOUPLING)
+@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
+def test_decoupling_fixed(name, method):
+    """Row 0 of the output does not depend on rows 1..N-1 (fixed sampling, vdn and fs_vdn)."""
+    entry = zoo_entry(name)
+    cfg = SamplingConfig(method=method, sampling="fixed", vdn_samples=V, ratio=0.25)
+    gm = rewrite_vdn(entry.factory(), cfg)
+    x1 = entry.example_input()
+    x2 = _other_batch(x1)
+    y1, y2 = gm(x1), gm(x2)
+    assert y1.shape == entry.factory()(x1).shape
+    if method == "vdn":
+        assert torch.equal(y1[0], y2[0])
+    else:  # fs_vdn takes part of its statistics from the real rows (rows 0.. of the batch)
+        assert not torch.equal(y1[0], y2[0])
+    # plain BN mixes: the same check fails for the original model
+    plain = entry.factory()
+    assert not torch.allclose(plain(x1)[0], plain(x2)[0])
+
+
+@pytest.mark.parametrize("name", DECOUPLING)
+def test_decoupling_fixed_other_batch_size(name):
+    entry = zoo_entry(name)
+    cfg = SamplingConfig(method="vdn", sampling="fixed", vdn_samples=V)
+    gm = rewrite_vdn(entry.factory(), cfg)
+    x = entry.example_input()
+    torch.testing.assert_close(gm(x[:1])[0], gm(x)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gm(x[:3])[:3], gm(x)[:3], rtol=1e-12, atol=1e-12)
+
+
+def test_decoupling_random_same_rng_state():
+    """Random virtual rows: with the same RNG state row 0 is again independent of the batch."""
+    entry = zoo_entry("resnet_basic")
+    gm = rewrite_vdn(entry.factory(), SamplingConfig(method="vdn", vdn_samples=V))
+    x1 = entry.example_input()
+    torch.manual_seed(7)
+    y1 = gm(x1)
+    torch.manual_seed(7)
+    y2 = gm(_other_batch(x1))
+    assert torch.equal(y1[0], y2[0])
+    y3 = gm(x1)  # fresh virtual rows at every call
+    assert not torch.equal(y1, y3)
+
+
+def test_fixed_rows_identical_every_call():
+    entry = zoo_entry("resnet_bottleneck")
+    gm = rewrite_vdn(entry.factory(), SamplingConfig(method="vdn", sampling="fixed", seed=3))
+    x = entry.example_input()
+    assert torch.equal(gm(x), gm(x))
+
+
+# -- acceptance 3 (and vdn): parity with the independent reference -----------------------------
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet_block", "mlp_bn1d", "conv3d"])
+@pytest.mark.parametrize("method,ratio", [("fs_vdn", 0.25), ("fs_vdn", 1 / 16), ("vdn", 1.0)])
+def test_matches_reference(name, method, ratio):
+    entry = zoo_entry(name)
+    cfg = SamplingConfig(method=method, ratio=ratio, sampling="fixed", vdn_samples=V, seed=5)
+    model = entry.factory()
+    ref = RefVDNModel(model, method, ratio, seed=5)
+    gm = rewrite_vdn(model, cfg)
+    x = entry.example_input()
+    got, want = _steps(gm, x), _steps(ref, x)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-10, msg=key)
+
+
+# -- eval mode ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet_basic", "functional_bn", "frozen_bn", "mlp_bn1d"])
+def test_eval_mode_is_the_original_model(name):
+    entry = zoo_entry(name)
+    model = entry.factory()
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn", vdn_samples=V))
+    x = entry.example_input()
+    gm(x)  # one training step moves the running statistics
+    gm.eval()
+    plain = entry.factory()
+    plain.load_state_dict(gm.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), plain(x))
+    gm.train()
+    assert gm(x).shape == plain(x).shape
+
+
+def test_frozen_bn_stays_frozen():
+    entry = zoo_entry("frozen_bn")
+    model = entry.factory()
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn"))
+    before = gm.bn1.running_mean.clone()
+    gm(entry.example_input())
+    assert torch.equal(gm.bn1.running_mean, before)
+    assert not gm.bn1.training and gm.bn2.training
+
+
+def test_model_traced_in_eval_mode_trains_with_vdn():
+    entry = zoo_entry("resnet_basic")
+    model = entry.factory().eval()
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn", sampling="fixed"))
+    x = entry.example_input()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    gm.train()
+    y1, y2 = gm(x), gm(_other_batch(x))
+    assert torch.equal(y1[0], y2[0])
+
+
+# -- several inputs, dropout, inputs left alone --------------------------------------------------
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(5, 4)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, img: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
+        h = F.relu(self.bn(self.conv(img)))
+        pooled = h.mean(dim=(2, 3))
+        v = self.bn1d(self.fc(vec))
+        z = self.drop(pooled + v)
+        return z, h.flatten(1).view(h.size(0), -1)
+
+
+def test_several_batch_inputs_get_virtual_rows_consistently():
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    gm, report = rewrite_vdn(
+        model, SamplingConfig(method="vdn", sampling="fixed"), return_report=True
+    )
+    assert report.batch_inputs == ["img", "vec"] and report.sliced_outputs == 2
+    img, vec = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    z1, f1 = gm(img, vec)
+    img2, vec2 = _other_batch(img), _other_batch(vec)
+    z2, f2 = gm(img2, vec2)
+    assert z1.shape == (5, 4) and f1.shape == (5, 4 * 36)
+    assert torch.equal(z1[0], z2[0]) and torch.equal(f1[0], f2[0])
+
+
+# -- acceptance 4: refusals ---------------------------------------------------------------------
+class ReduceOverBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        centred = h - h.mean(0, keepdim=True)  # a reduction over the batch dim
+        return self.bn(centred)
+
+
+class LiteralView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.bn(x.view(8, -1)))  # batch size baked in
+
+
+class MergeBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x).flatten()  # merges the batch into one vector
+
+
+class MatmulAcrossBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.fc(x))
+        return torch.mm(h.t(), h)  # a Gram matrix over the batch
+
+
+@torch.fx.wrap
+def mystery(x: Tensor) -> Tensor:
+    return x.roll(1, 0)
+
+
+class UnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mystery(self.bn(x))
+
+
+REFUSED = [
+    (ReduceOverBatch, (6, 3, 5, 5), "mean", "batch dim"),
+    (LiteralView, (8, 3, 4), "view", "batch position"),
+    (MergeBatch, (8, 4), "flatten", "flattens the batch dim"),
+    (MatmulAcrossBatch, (8, 4), "t", "transposes the batch dim"),
+    (UnknownOp, (8, 4), "mystery", "does not know"),
+]
+
+
+@pytest.mark.parametrize("cls,shape,node,why", REFUSED, ids=[c[0].__name__ for c in REFUSED])
+def test_batch_mixing_model_is_refused_and_untouched(cls, shape, node, why):
+    torch.manual_seed(0)
+    model = cls()
+    state = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    for inplace in (False, True):
+        with pytest.raises(BatchMixingError) as info:
+            rewrite_vdn(model, SamplingConfig(method="vdn"), inplace=inplace)
+        assert f"node {node!r}" in str(info.value) and why in str(info.value)
+        assert info.value.node == node
+        assert isinstance(info.value, ValueError)
+    # nothing rewritten: same module types, same state
+    assert [type(m) for m in model.modules()] == types
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    model(torch.randn(*shape))  # still the plain model
+
+
+def test_refused_graph_module_is_untouched():
+    gm = fx.symbolic_trace(ReduceOverBatch())
+    code = gm.code
+    with pytest.raises(BatchMixingError, match="mean"):
+        rewrite_vdn(gm, SamplingConfig(method="vdn"), inplace=True)
+    assert gm.code == code
+    assert all(
+        type(m) is not nn.BatchNorm2d or type(m).__name__ == "BatchNorm2d" for m in gm.modules()
+    )
+
+
+def test_bn_filtered_out_is_refused():
+    entry = zoo_entry("resnet_basic")
+    with pytest.raises(BatchMixingError, match="filtered out"):
+        rewrite_vdn(entry.factory(), SamplingConfig(method="vdn"), exclude=["bn2"])
+    with pytest.raises(BatchMixingError, match="given method 'fs'"):
+        rewrite_vdn(entry.factory(), SamplingConfig(method="vdn"), overrides={"bn1": "fs"})
+    gm = rewrite_vdn(entry.factory(), SamplingConfig(method="vdn"), overrides={"bn1": "fs_vdn"})
+    assert ("bn1", "fs_vdn") in gm.meta["bnrewrite"].rewritten
+
+
+def test_non_vdn_config_and_export_are_refused():
+    with pytest.raises(ValueError, match="rewrite_vdn applies 'vdn' or 'fs_vdn'"):
+        rewrite_vdn(nn.Linear(2, 2), SamplingConfig(method="fs"))
+
+
+# -- analysis rules on their own ---------------------------------------------------------------
+class PerSampleOps(nn.Module):
+    """Ops that keep samples apart: every one must pass the analysis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(12, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.scale = nn.Parameter(torch.ones(1, 6, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn(self.conv(x))) * self.scale
+        h = F.max_pool2d(h, 2) + 1.0
+        a, b = torch.chunk(h, 2, dim=1)
+        h = torch.cat([b, a], 1)[:, :3]
+        h = self.pool(h).permute(0, 2, 3, 1).reshape(h.size(0), -1)
+        h = F.dropout(self.bn1(self.fc(h)), 0.1)
+        return torch.softmax(h, dim=1) + h.sum(1, keepdim=True)
+
+
+def test_per_sample_ops_pass_the_analysis():
+    torch.manual_seed(0)
+    model = PerSampleOps().double()
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn", sampling="fixed"))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(1)
+    y1 = gm(x)
+    torch.manual_seed(1)
+    y2 = gm(_other_batch(x))
+    assert y1.shape == (4, 5)
+    assert torch.equal(y1[0], y2[0])
+
+
+def test_negative_dims_need_shapes():
+    class Soft(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.softmax(self.bn(x), dim=-1)
+
+    with pytest.raises(BatchMixingError, match="negative dim"):
+        rewrite_vdn(Soft(), SamplingConfig(method="vdn"))
+    gm = rewrite_vdn(Soft(), SamplingConfig(method="vdn"), example_inputs=(torch.randn(3, 4),))
+    assert gm(torch.randn(3, 4)).shape == (3, 4)
+
+    class SoftOverBatch(Soft):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.softmax(self.bn(x), dim=-2)
+
+    with pytest.raises(BatchMixingError, match="batch dim"):
+        rewrite_vdn(SoftOverBatch(), "vdn", example_inputs=(torch.randn(3, 4),))
+
+
+def test_analyze_does_not_modify():
+    gm = fx.symbolic_trace(zoo_entry("resnet_basic").factory())
+    code = gm.code
+    result = analyze(gm, SamplingConfig(method="vdn"))
+    assert len(result.bn) == 3 and [p.name for p in result.batch_inputs] == ["x"]
+    assert gm.code == code
