@@ -143,15 +143,32 @@ def test_fixed_sampling_matches_reference(method, ratio, layout):
     _compare(x, SamplingConfig(method=method, ratio=ratio, sampling="fixed"))
 
 
+@pytest.mark.parametrize("channels,groups", [(10, 3), (16, 4), (64, 4)])
 @pytest.mark.parametrize("method", ["bs", "fs", "ns"])
-def test_random_offsets_identical_sample_set(method):
-    """Same RNG state -> same offsets from draw_offsets -> same sample set as the torch path."""
-    x = _input((8, 10, 6, 5))
-    cfg = SamplingConfig(method=method, ratio=0.25, groups=1 if method == "ns" else 3)
+def test_random_offsets_identical_sample_set(method, channels, groups):
+    """Same RNG state -> same offsets from draw_offsets -> same sample set as the torch path.
+
+    (10, 3): per-(row, channel) index math; (16, 4) and (64, 4): one group per channel block.
+    """
+    if method == "ns" and channels != 10:
+        pytest.skip("ns has one group")
+    x = _input((8, channels, 6, 5))
+    cfg = SamplingConfig(method=method, ratio=0.25, groups=1 if method == "ns" else groups)
     ref, got = _compare(x, cfg)
     # and the sample really is random: fixed sampling gives different statistics
     fixed = _run(sampled_batch_norm, x, cfg.replace(sampling="fixed"))
     assert not torch.allclose(fixed[4], ref[4])
+
+
+def test_sample_block_choice_covers_both_index_paths():
+    from bnrewrite.kernels.ops import _launch_plan, _sample_blocks
+
+    def uniform(C, G, method="bs"):
+        lp = _launch_plan((8, C, 4, 4), method, 0.25, G, "random", 2)
+        return _sample_blocks(C, lp.G, lp.parts[0], True)[2]
+
+    assert uniform(64, 4) and uniform(16, 4) and uniform(8, 4) and uniform(6, 1, "ns")
+    assert not uniform(10, 3) and not uniform(48, 4)  # 48/4 = 12: general path
 
 
 def test_seeded_sampling_identical():

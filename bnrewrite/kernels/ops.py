@@ -280,10 +280,24 @@ def _dense_blocks(C: int, rows: int, cl: bool) -> tuple[int, int, int]:
     return bl, bc, 8 if bl * bc >= 4096 else 4
 
 
-def _sample_blocks(C: int, total: int, cl: bool) -> tuple[int, int]:
-    bc = min(64 if cl else 16, _np2(C))
-    bs = max(1, min(2048 // bc, _np2(total)))
-    return bs, bc
+def _sample_blocks(C: int, G: int, part: _Part, cl: bool) -> tuple[int, int, bool]:
+    """``(BLOCK_S, BLOCK_C, UNIFORM)`` of the sample kernels.
+
+    ``UNIFORM`` (one channel group per block: per-row index math, 128-bit loads) when the part
+    has no offsets, ``G == 1``, or the group width ``C/G`` has a power-of-two factor ``>= 8`` (or
+    is a power of two) that the block width can divide.
+    """
+    cap = 64 if cl else 16
+    has_offsets = any(o >= 0 for o in part.off_cols)
+    if not has_offsets or G == 1:
+        bc, uniform = min(cap, _np2(C)), True
+    elif C % G == 0 and ((C // G) & -(C // G) >= 8 or (C // G) & (C // G - 1) == 0):
+        per = C // G
+        bc, uniform = min(cap, per & -per), True
+    else:
+        bc, uniform = min(cap, _np2(C)), False
+    bs = max(1, min(2048 // bc, _np2(part.total)))
+    return bs, bc, uniform
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -323,22 +337,22 @@ def _forward_impl(
     launches = []
     P_total = 0
     for part in lp.parts:
-        bs, bc = _sample_blocks(C, part.total, cl)
+        bs, bc, uniform = _sample_blocks(C, lp.G, part, cl)
         cb = _cdiv(C, bc)
         n_tiles = _cdiv(part.total, bs)
         progs = max(1, min(n_tiles, (4 * sms) // cb))
         tpp = _cdiv(n_tiles, progs)
         progs = _cdiv(n_tiles, tpp)
-        launches.append((part, bs, bc, cb, tpp, progs, P_total))
+        launches.append((part, bs, bc, uniform, cb, tpp, progs, P_total))
         P_total += progs
     partials = torch.empty((3, P_total, C), dtype=torch.float32, device=dev)
-    for part, bs, bc, cb, tpp, progs, base in launches:
+    for part, bs, bc, uniform, cb, tpp, progs, base in launches:
         o = part.off_cols
         tk.sample_stats_kernel[(progs, cb)](
             x, off, partials[0], partials[1], partials[2],
             C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
             *lp.S, *part.m, *part.st, tpp, base,
-            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform,
             BLOCK_S=bs, BLOCK_C=bc, num_warps=4,
         )  # fmt: skip
     # separate allocations: custom-op outputs must not alias each other
@@ -408,7 +422,7 @@ def _backward_impl(
     )  # fmt: skip
     inv_n = 1.0 / lp.n
     for part in lp.parts:
-        bs, sbc = _sample_blocks(C, part.total, cl)
+        bs, sbc, uniform = _sample_blocks(C, lp.G, part, cl)
         scb = _cdiv(C, sbc)
         s_tiles = _cdiv(part.total, bs)
         sprogs = max(1, min(s_tiles, (8 * sms) // scb))
@@ -419,7 +433,7 @@ def _backward_impl(
             x, dy, dx, off, mean, var, w, db, dg, inv_n, eps,
             C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
             *lp.S, *part.m, *part.st, stpp,
-            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, HAS_W=has_w,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform, HAS_W=has_w,
             BLOCK_S=bs, BLOCK_C=sbc, num_warps=4,
         )  # fmt: skip
     return dx, dg, db

@@ -55,7 +55,7 @@ def _wrap(v, m):
 
 
 @triton.jit
-def _sample_addresses(
+def _uniform_addresses(
     s,
     c,
     c_mask,
@@ -82,7 +82,71 @@ def _sample_addresses(
     OFF_2: tl.constexpr,
     CL: tl.constexpr,
 ):
-    """Element addresses (int64, ``[BLOCK_S, BLOCK_C]``) and mask of sample indices ``s``."""
+    s_mask = s < total
+    j2 = s % m2
+    t = s // m2
+    j1 = t % m1
+    t = t // m1
+    j0 = t % m0
+    jr = t // m0
+    g = (tl.program_id(1) * c.shape[0] * G) // C  # the block's group (scalar)
+    if OFF_R >= 0:
+        off_r = tl.load(off_ptr + g * A + OFF_R)
+        n = row_base + _wrap(off_r + jr, row_mod)
+    else:
+        n = row_base + jr
+    og = (n * G + g) * A
+    if OFF_0 >= 0:
+        i0 = _wrap(tl.load(off_ptr + og + OFF_0, mask=s_mask, other=0) + st0 * j0, S0)
+    else:
+        i0 = j0
+    if OFF_1 >= 0:
+        i1 = _wrap(tl.load(off_ptr + og + OFF_1, mask=s_mask, other=0) + st1 * j1, S1)
+    else:
+        i1 = j1
+    if OFF_2 >= 0:
+        i2 = _wrap(tl.load(off_ptr + og + OFF_2, mask=s_mask, other=0) + st2 * j2, S2)
+    else:
+        i2 = j2
+    l_idx = (i0 * S1 + i1) * S2 + i2
+    if CL:
+        row = (n.to(tl.int64) * L + l_idx) * C
+        addr = row[:, None] + c[None, :]
+    else:
+        row = n.to(tl.int64) * C * L + l_idx
+        addr = row[:, None] + (c * L)[None, :]
+    mask = s_mask[:, None] & c_mask[None, :]
+    return addr, mask
+
+
+@triton.jit
+def _general_addresses(
+    s,
+    c,
+    c_mask,
+    off_ptr,
+    C,
+    L,
+    G,
+    A,
+    total,
+    row_base,
+    row_mod,
+    S0,
+    S1,
+    S2,
+    m0,
+    m1,
+    m2,
+    st0,
+    st1,
+    st2,
+    OFF_R: tl.constexpr,
+    OFF_0: tl.constexpr,
+    OFF_1: tl.constexpr,
+    OFF_2: tl.constexpr,
+    CL: tl.constexpr,
+):
     s_mask = s < total
     s64 = s.to(tl.int64)
     j2 = s64 % m2
@@ -124,6 +188,56 @@ def _sample_addresses(
 
 
 @triton.jit
+def _sample_addresses(
+    s,
+    c,
+    c_mask,
+    off_ptr,
+    C,
+    L,
+    G,
+    A,
+    total,
+    row_base,
+    row_mod,
+    S0,
+    S1,
+    S2,
+    m0,
+    m1,
+    m2,
+    st0,
+    st1,
+    st2,
+    OFF_R: tl.constexpr,
+    OFF_0: tl.constexpr,
+    OFF_1: tl.constexpr,
+    OFF_2: tl.constexpr,
+    CL: tl.constexpr,
+    UNIFORM: tl.constexpr,
+):
+    """Element addresses (int64, ``[BLOCK_S, BLOCK_C]``) and mask of sample indices ``s``.
+
+    ``UNIFORM``: every channel of the block is in one group (the launcher checks), so offsets
+    and indices are per sample row and the address is ``row + c``: contiguous along channels
+    (128-bit loads in channels-last). Otherwise indices are computed per (row, channel).
+    """
+    if UNIFORM:
+        addr, mask = _uniform_addresses(
+            s, c, c_mask, off_ptr, C, L, G, A, total, row_base, row_mod,
+            S0, S1, S2, m0, m1, m2, st0, st1, st2,
+            OFF_R, OFF_0, OFF_1, OFF_2, CL,
+        )  # fmt: skip
+    else:
+        addr, mask = _general_addresses(
+            s, c, c_mask, off_ptr, C, L, G, A, total, row_base, row_mod,
+            S0, S1, S2, m0, m1, m2, st0, st1, st2,
+            OFF_R, OFF_0, OFF_1, OFF_2, CL,
+        )  # fmt: skip
+    return addr, mask
+
+
+@triton.jit
 def sample_stats_kernel(
     x_ptr,
     off_ptr,
@@ -153,6 +267,7 @@ def sample_stats_kernel(
     OFF_1: tl.constexpr,
     OFF_2: tl.constexpr,
     CL: tl.constexpr,
+    UNIFORM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -168,7 +283,7 @@ def sample_stats_kernel(
         addr, mask = _sample_addresses(
             s, c, c_mask, off_ptr, C, L, G, A, total, row_base, row_mod,
             S0, S1, S2, m0, m1, m2, st0, st1, st2,
-            OFF_R, OFF_0, OFF_1, OFF_2, CL,
+            OFF_R, OFF_0, OFF_1, OFF_2, CL, UNIFORM,
         )  # fmt: skip
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.sum((s < total).to(tl.float32), axis=0)
@@ -395,6 +510,7 @@ def bwd_fixup_kernel(
     OFF_1: tl.constexpr,
     OFF_2: tl.constexpr,
     CL: tl.constexpr,
+    UNIFORM: tl.constexpr,
     HAS_W: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -412,7 +528,7 @@ def bwd_fixup_kernel(
         addr, mask = _sample_addresses(
             s, c, c_mask, off_ptr, C, L, G, A, total, row_base, row_mod,
             S0, S1, S2, m0, m1, m2, st0, st1, st2,
-            OFF_R, OFF_0, OFF_1, OFF_2, CL,
+            OFF_R, OFF_0, OFF_1, OFF_2, CL, UNIFORM,
         )  # fmt: skip
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
