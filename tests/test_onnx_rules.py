@@ -28,7 +28,9 @@ def test_full_equals_onnxruntime_training_bn(opset: int, outputs: int) -> None:
     model, _ = make_bn_model((6, 5, 4, 3), opset=opset, outputs=outputs)
     x = RNG.standard_normal((6, 5, 4, 3)).astype(np.float32) * 3 + 1
     expected = ort_run(model, x)
+    before = model.SerializeToString()
     out, report = bo.rewrite_with_report(model, "full")
+    assert model.SerializeToString() == before  # a ModelProto is not modified
     assert report.rewritten == ["bn"] and report.skipped == []
     assert count_ops(out, "BatchNormalization") == 0
     _check(out)
