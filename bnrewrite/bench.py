@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-50 training step")
     p.add_argument("--e2e-steps", type=int, default=None, help="timed ResNet-50 steps")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--no-tune", action="store_true", help="skip the GPU block-shape tuning pass")
     p.add_argument(
         "--interpret",
         action="store_true",
@@ -563,6 +564,59 @@ def _e2e_run(
 
 
 # ----------------------------------------------------------------------------------------------
+# tuning pass (GPU, last, budget permitting): block shapes of the whole-tensor kernels
+# ----------------------------------------------------------------------------------------------
+TUNE_CONFIGS: list[dict[str, Any]] = [
+    {"tile": 2048, "warps": 4},
+    {"tile": 4096, "warps": 4},
+    {"tile": 4096, "warps": 8},
+    {"tile": 8192, "warps": 8},
+    {"tile": 8192, "warps": 16},
+    {"tile": 4096, "max_bc": 64},
+    {"bwd_progs_per_sm": 4},
+    {"bwd_progs_per_sm": 16},
+]
+
+
+def _tune(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+    """Time the first sampled method through the kernels under a few launch heuristics."""
+    if ctx["device"] != "cuda" or not ctx["kernels"] or ctx["small"]:
+        return
+    import torch
+
+    from .kernels.ops import tuning
+
+    methods = _parse_methods(args.methods)[:1]
+    label = methods[0][0]
+    shapes = [(ctx["batch"], *s) for s in (ANCHOR_SHAPES[0], ANCHOR_SHAPES[1], ANCHOR_SHAPES[3])]
+    out: list[dict[str, Any]] = []
+    result["tuning"] = out
+    for shape in shapes:
+        for conf in [{}, *TUNE_CONFIGS]:
+            if budget.left() < 8:
+                result["skipped"].append(f"tuning {shape} {conf}: budget")
+                return
+            entry: dict[str, Any] = {"shape": list(shape), "config": conf}
+            try:
+                with tuning(**conf):
+                    variants = _layer_variants(
+                        shape, ctx["dtype"], "cuda", args.layout, methods, "base", True
+                    )
+                    fn = variants[f"kernels {label}"]
+                    entry.update(_time(fn, "cuda"))
+                del variants
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(entry)
+            _free()
+            torch.cuda.synchronize()
+        rows = [e for e in out if e["shape"] == list(shape) and _best(e)]
+        if rows:
+            best = min(rows, key=_best)
+            print(f"  tuning {shape}: best {best['config'] or 'default'} {_best(best):.3f} ms")
+
+
+# ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
 def _bandwidth(device: str) -> float | None:
@@ -645,6 +699,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": [],
         "e2e": None,
         "skipped": [],
+        "errors": [],
     }
     print(
         f"bnrewrite bench: {result['meta']['device']}, torch {torch.__version__}, triton "
@@ -660,13 +715,28 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  checks: {len(result['checks']) - len(bad)}/{len(result['checks'])} ok", flush=True
         )
-    # cheap rows first, then the ResNet-50 step, then what needs many compiles
-    _layer_table(args, ctx, budget, result, "base")
+    # cheap rows first, then the ResNet-50 step, then what needs many compiles; a phase that
+    # fails is recorded and the run goes on, so the JSON is always written
+    phases: list[tuple[str, Callable[[], None]]] = [
+        ("layers", lambda: _layer_table(args, ctx, budget, result, "base"))
+    ]
     if not args.no_e2e:
-        _e2e(args, ctx, budget, result, "core")
-    _layer_table(args, ctx, budget, result, "compile")
+        phases.append(("e2e core", lambda: _e2e(args, ctx, budget, result, "core")))
+    phases.append(("layers compile", lambda: _layer_table(args, ctx, budget, result, "compile")))
     if not args.no_e2e:
-        _e2e(args, ctx, budget, result, "extra")
+        phases.append(("e2e extra", lambda: _e2e(args, ctx, budget, result, "extra")))
+    if not args.no_tune:
+        phases.append(("tuning", lambda: _tune(args, ctx, budget, result)))
+    for name, phase in phases:
+        try:
+            phase()
+        except Exception as e:
+            if isinstance(e, ValueError) and name == "layers":
+                raise  # a bad --shapes / --methods: one line on the CLI
+            msg = f"{name}: {type(e).__name__}: {str(e)[:400]}"
+            result["errors"].append(msg)
+            print(f"  error in {msg}", flush=True)
+            _free()
     result["meta"]["elapsed_s"] = round(budget.elapsed(), 1)
     _summary(result)
     if args.out:
@@ -675,7 +745,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=1, default=str)
         print(f"  wrote {args.out}", flush=True)
     failed = [c for c in result["checks"] if not c["ok"]]
-    return 1 if failed else 0
+    return 1 if failed or result["errors"] else 0
 
 
 def _summary(result: dict[str, Any]) -> None:

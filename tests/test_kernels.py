@@ -219,6 +219,18 @@ def test_no_affine_no_running_stats_and_tensor_momentum():
     _compare(x, cfg, momentum=torch.tensor(0.25))
 
 
+def test_launch_heuristics_do_not_change_results():
+    from bnrewrite.kernels.ops import tuning
+
+    x = _input((8, 32, 6, 6))
+    cfg = SamplingConfig(method="fs", ratio=0.25)
+    with tuning(tile=256, max_bc=16, warps=4, bwd_progs_per_sm=1):
+        _compare(x, cfg)
+    with pytest.raises(ValueError, match="unknown tuning key"):
+        with tuning(blocks=3):
+            pass
+
+
 def test_output_layout_follows_input():
     cfg = SamplingConfig(method="bs", ratio=0.5)
     x = _input((4, 6, 5, 5))

@@ -37,11 +37,13 @@ ignored (they are marked non-differentiable).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,6 +61,8 @@ __all__ = [
     "can_use_kernels",
     "interpreter_enabled",
     "use_interpreter",
+    "tuning",
+    "TUNING",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -266,18 +270,39 @@ def _out_layout(x: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 # block shapes
 # --------------------------------------------------------------------------------------------
-_TILE = 4096  # elements per tile of the whole-tensor kernels
+#: Launch heuristics; ``tuning(...)`` changes them for a block (the bench's tuning pass uses it).
+#: tile: elements per tile of the whole-tensor kernels; max_bc: widest channel block
+#: (channels-last); warps: num_warps of those kernels (None: 8 for tiles >= 4096, else 4);
+#: bwd_progs_per_sm: programs per SM of the backward main pass (each loops over its tiles).
+TUNING: dict[str, Any] = {"tile": 4096, "max_bc": 128, "warps": None, "bwd_progs_per_sm": 8}
+
+
+@contextlib.contextmanager
+def tuning(**changes: Any) -> Iterator[None]:
+    """Temporarily change the launch heuristics (``TUNING``); unknown keys are an error."""
+    unknown = set(changes) - set(TUNING)
+    if unknown:
+        raise ValueError(f"unknown tuning key(s) {sorted(unknown)}; known: {sorted(TUNING)}")
+    saved = dict(TUNING)
+    TUNING.update(changes)
+    try:
+        yield
+    finally:
+        TUNING.clear()
+        TUNING.update(saved)
 
 
 def _dense_blocks(C: int, rows: int, cl: bool) -> tuple[int, int, int]:
     """``(BLOCK_L, BLOCK_C, num_warps)`` of the whole-tensor kernels."""
+    tile = TUNING["tile"]
     if cl:
-        bc = min(128, _np2(C))
-        bl = max(1, min(_TILE // bc, _np2(rows)))
+        bc = min(TUNING["max_bc"], _np2(C))
+        bl = max(1, min(tile // bc, _np2(rows)))
     else:
         bl = min(256, _np2(rows))
-        bc = max(1, min(_np2(C), _TILE // bl))
-    return bl, bc, 8 if bl * bc >= 4096 else 4
+        bc = max(1, min(_np2(C), tile // bl))
+    warps = TUNING["warps"] or (8 if bl * bc >= 4096 else 4)
+    return bl, bc, warps
 
 
 def _sample_blocks(C: int, G: int, part: _Part, cl: bool) -> tuple[int, int, bool]:
@@ -401,7 +426,7 @@ def _backward_impl(
     dx = _empty(tuple(x.shape), cl, x.dtype, dev)
     L_eff, LB, n_tiles, bl, bc, nw = _dense_geometry(lp, cl)
     cb = _cdiv(C, bc)
-    progs = max(1, min(n_tiles, (8 * sms) // cb))
+    progs = max(1, min(n_tiles, (TUNING["bwd_progs_per_sm"] * sms) // cb))
     tpp = _cdiv(n_tiles, progs)
     progs = _cdiv(n_tiles, tpp)
     partials = torch.empty((2, progs, C), dtype=torch.float32, device=dev)
