@@ -368,3 +368,49 @@ def test_cuda_dtypes_layouts(dtype, layout):
     x = _input((16, 96, 14, 14), dtype=dtype, layout=layout, device="cuda")
     _compare(x, SamplingConfig(method="fs", ratio=1 / 16, sampling="fixed"))
     _compare(x, SamplingConfig(method="bs", ratio=1 / 8))
+
+
+def test_backend_routes_to_kernels():
+    """The FX pass's op lowered to the fused ops (what bench's 'backend+kernels' measures)."""
+    backend = pytest.importorskip("bnrewrite.backend")
+    from bnrewrite.bench import _backend_kernels
+
+    cfg = SamplingConfig(method="bs", ratio=0.5, sampling="fixed")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    ).to(DEV)
+    ref = copy.deepcopy(net)
+    bnrewrite.convert_(ref, cfg)
+    x = _input((4, 3, 6, 6))
+    seen = []
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def count_ops(gm, example_inputs):  # noqa: ANN001
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    def inner(gm, example_inputs):  # noqa: ANN001
+        return aot_module_simplified(gm, example_inputs, fw_compiler=count_ops)
+
+    with _backend_kernels(True):
+        be = backend.make_backend(cfg, inner="eager")
+        compiled = torch.compile(net, backend=lambda gm, ex: inner(_rewrite(be, gm, ex), ex))
+        y = compiled(x)
+    y.sum().backward()
+    y_ref = ref(x)
+    y_ref.sum().backward()
+    assert any("fused_bn_forward" in t for t in seen), seen
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(net[1].weight.grad, ref[1].weight.grad, atol=2e-4, rtol=2e-5)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var)
+
+
+def _rewrite(be, gm, example_inputs):  # noqa: ANN001
+    """The backend's FX rewrite only (its inner compiler is replaced by the op counter)."""
+    from bnrewrite.passes.fx import rewrite_graph
+
+    rewrite_graph(gm, be.config)
+    return gm
