@@ -414,3 +414,32 @@ def _rewrite(be, gm, example_inputs):  # noqa: ANN001
 
     rewrite_graph(gm, be.config)
     return gm
+
+
+def test_fused_modules_compile_without_graph_breaks():
+    """convert_fused_ + torch.compile(fullgraph=True): the ResNet-50 bench's 'fused' variant."""
+    cfg = SamplingConfig(method="fs", ratio=0.25)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8, momentum=None),
+    ).to(DEV)
+    ref = copy.deepcopy(net)
+    convert_fused_(net, cfg)
+    convert_fused_(ref, cfg)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = _input((4, 3, 6, 6))
+    for _ in range(2):  # two steps: running stats and num_batches_tracked advance
+        torch.manual_seed(1)
+        y = compiled(x)
+        y.square().sum().backward()
+        torch.manual_seed(1)
+        y_ref = ref(x)
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(net[0].weight.grad, ref[0].weight.grad, atol=2e-4, rtol=2e-4)

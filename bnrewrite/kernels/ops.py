@@ -71,17 +71,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --------------------------------------------------------------------------------------------
 # availability
 # --------------------------------------------------------------------------------------------
-_KERNELS: list[Any] = []  # [module or None] once loaded (a plain global: Dynamo folds it)
+# [module or None, built for the interpreter] once loaded: plain globals that Dynamo folds
+_KERNELS: list[Any] = []
+
+
+def _load_kernels() -> None:
+    try:
+        from . import triton_kernels
+    except Exception:  # pragma: no cover - no triton
+        triton_kernels = None  # type: ignore[assignment]
+    interpreted = triton_kernels is not None and (
+        type(triton_kernels.normalize_kernel).__name__ == "InterpretedFunction"
+    )
+    _KERNELS[:] = [triton_kernels, interpreted]
 
 
 def _triton_kernels() -> Any:
     """The kernels module, or ``None`` when Triton does not import."""
     if not _KERNELS:
-        try:
-            from . import triton_kernels
-        except Exception:  # pragma: no cover - no triton
-            triton_kernels = None  # type: ignore[assignment]
-        _KERNELS.append(triton_kernels)
+        _load_kernels()
     return _KERNELS[0]
 
 
@@ -92,10 +100,9 @@ def kernels_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """True when the kernels were built under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
-    mod = _triton_kernels()
-    if mod is None:
-        return False
-    return type(mod.normalize_kernel).__name__ == "InterpretedFunction"
+    if not _KERNELS:
+        _load_kernels()
+    return bool(_KERNELS[1])
 
 
 def use_interpreter() -> bool:
@@ -108,6 +115,7 @@ def use_interpreter() -> bool:
     mod = _triton_kernels()
     if mod is not None and not interpreter_enabled():
         importlib.reload(mod)
+        _load_kernels()
     return interpreter_enabled()
 
 
