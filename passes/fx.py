@@ -231,6 +231,17 @@ def _normalize_args(node: fx.Node, names: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def _is_float_arg(value: Any) -> bool:
+    """A Python number, or a node whose value is a ``SymFloat`` (Dynamo with ``dynamic=True``
+    turns float arguments into graph inputs)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if isinstance(value, fx.Node):
+        meta = value.meta.get("example_value", value.meta.get("val"))
+        return isinstance(meta, (float, torch.SymFloat))
+    return False
+
+
 def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
     if node.op == "call_module" and gm is not None:
         try:
@@ -267,10 +278,10 @@ def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
         site.reason = "unsupported form: training is not a constant"
     elif not training:
         site.reason = "eval mode"
-    elif not isinstance(args["eps"], (int, float)):
-        site.reason = "unsupported form: eps is not a constant"
-    elif args["momentum"] is None or not isinstance(args["momentum"], (int, float, torch.SymFloat)):
-        site.reason = "unsupported form: momentum is not a constant"
+    elif not _is_float_arg(args["eps"]):
+        site.reason = "unsupported form: eps is not a float"
+    elif not _is_float_arg(args["momentum"]):
+        site.reason = "unsupported form: momentum is not a float"
     elif spec.tuple_out:
         used = {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
         if any(u.target is not operator.getitem for u in node.users):
@@ -375,7 +386,7 @@ def rewrite_node(
         a.get("running_var"),
         training,
         float(a["momentum"]) if isinstance(a["momentum"], int) else a["momentum"],
-        float(a["eps"]),
+        float(a["eps"]) if isinstance(a["eps"], int) else a["eps"],
         config_to_str(config),
     )
     spec = site.spec
