@@ -73,7 +73,14 @@ def _check_outputs(out: Path, methods: list[str], epochs: int, seeds: int) -> di
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_table_plot_csv_json(tmp_path, capsys):
+def test_demo_quick_writes_table_plot_csv_json(tmp_path, capsys, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("bnrewrite demo must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # offline: embedded data only
+    monkeypatch.setattr(socket, "create_connection", no_network)
     out = tmp_path / "demo"
     rc = main(["demo", "--quick", "--out", str(out), "--no-progress"])
     assert rc == 0
