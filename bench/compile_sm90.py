@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from bnrewrite.kernels import triton_kernels as tk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-_FLOATS = {"eps", "inv_n"}
+_FLOATS = {"eps", "inv_n", "momentum", "unbias"}
 DIV16 = {"C", "L"}
 
 
@@ -123,7 +123,8 @@ def configs(quick: bool) -> list[tuple[Any, str, dict[str, Any], int]]:
                         4,
                     )
                 )
-    out.append((tk.finalize_stats_kernel, "fp32", dict(HAS_W=True, BLOCK_P=64, BLOCK_C=64), 4))
+    fin = dict(HAS_W=True, HAS_RUNNING=True, MOM_TENSOR=False, BLOCK_P=64, BLOCK_C=64)
+    out.append((tk.finalize_stats_kernel, "fp32", fin, 4))
     out.append((tk.reduce_partials_kernel, "fp32", dict(BLOCK_P=64, BLOCK_C=64), 4))
     return out
 

@@ -291,16 +291,17 @@ def _op_args(x, cfg_args=("fs", 0.25, 4, "random", 2), eps=1e-5):
     b = torch.randn(C, device=x.device)
     off = torch.zeros((x.shape[0], 4, 2), dtype=torch.int64, device=x.device)
     off[..., 0] = 1
-    return (x, w, b, off, *cfg_args, eps)
+    rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
+    return (x, w, b, rm, rv, off, 0.1, None, *cfg_args, eps)
 
 
 def test_opcheck_forward_and_backward():
     x = _input((4, 6, 4, 4)).requires_grad_()
     args = _op_args(x)
     torch.library.opcheck(fused_bn_forward, args)
-    y, mean, var = fused_bn_forward(*args)
+    y, mean, var, _, _ = fused_bn_forward(*args)
     dy = torch.randn_like(y)
-    bargs = (dy, x.detach(), mean, var, args[1], args[3], *args[4:])
+    bargs = (dy, x.detach(), mean, var, args[1], args[5], *args[8:])
     torch.library.opcheck(fused_bn_backward, bargs)
 
 

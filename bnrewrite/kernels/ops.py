@@ -353,14 +353,18 @@ def _forward_impl(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     offsets: Tensor | None,
+    momentum: float,
+    momentum_t: Tensor | None,
     method: str,
     ratio: float,
     groups: int,
     sampling: str,
     vdn_samples: int,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
     lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
     x, cl = _canonical(x)
@@ -395,9 +399,19 @@ def _forward_impl(
     bc = min(64, _np2(C))
     bp = max(1, min(4096 // bc, _np2(P_total)))
     w = weight if weight is not None else scale
+    has_running = running_mean is not None and running_var is not None
+    rm = running_mean.contiguous() if has_running else scale
+    rv = running_var.contiguous() if has_running else scale
+    new_rm = torch.empty_like(rm) if has_running else rm.new_empty((0,))
+    new_rv = torch.empty_like(rv) if has_running else rv.new_empty((0,))
+    mom = momentum_t if momentum_t is not None else scale
+    n = lp.n
     tk.finalize_stats_kernel[(_cdiv(C, bc),)](
-        partials[0], partials[1], partials[2], w, mean, var, scale,
-        P_total, C, eps, HAS_W=weight is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
+        partials[0], partials[1], partials[2], w, mean, var, scale, rm, rv,
+        new_rm if has_running else scale, new_rv if has_running else scale, mom,
+        P_total, C, eps, float(momentum), n / (n - 1),
+        HAS_W=weight is not None, HAS_RUNNING=has_running, MOM_TENSOR=momentum_t is not None,
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
     )  # fmt: skip
     y = _empty(tuple(x.shape), cl, x.dtype, dev)
     L_eff, LB, n_tiles, bl, bc, nw = _dense_geometry(lp, cl)
@@ -406,7 +420,7 @@ def _forward_impl(
         x, y, mean, scale, b, C, L_eff, LB, n_tiles,
         CL=cl, HAS_B=bias is not None, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
-    return y, mean, var
+    return y, mean, var, new_rm, new_rv
 
 
 def _backward_impl(
@@ -480,18 +494,29 @@ def fused_bn_forward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     offsets: Tensor | None,
+    momentum: float,
+    momentum_t: Tensor | None,
     method: str,
     ratio: float,
     groups: int,
     sampling: str,
     vdn_samples: int,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Sampled statistics and normalisation (see the module docstring)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sampled statistics and normalisation (see the module docstring).
+
+    Returns ``(y, mean, var, new_running_mean, new_running_var)``. The new running statistics
+    (functional, like ``aten._native_batch_norm_legit_functional``) come from the finalize kernel
+    when both running statistics are given (momentum ``momentum_t`` if given, else ``momentum``,
+    unbiased factor ``n/(n-1)``); otherwise they are empty tensors.
+    """
     return _forward_impl(
-        x, weight, bias, offsets, method, ratio, groups, sampling, vdn_samples, eps
-    )
+        x, weight, bias, running_mean, running_var, offsets, momentum, momentum_t,
+        method, ratio, groups, sampling, vdn_samples, eps,
+    )  # fmt: skip
 
 
 @fused_bn_forward.register_fake
@@ -499,18 +524,27 @@ def _forward_fake(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     offsets: Tensor | None,
+    momentum: float,
+    momentum_t: Tensor | None,
     method: str,
     ratio: float,
     groups: int,
     sampling: str,
     vdn_samples: int,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
     y = _empty(tuple(x.shape), cl, x.dtype, x.device)
-    return y, x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+    stat = [x.new_empty((C,), dtype=torch.float32) for _ in range(2)]
+    if running_mean is not None and running_var is not None:
+        new = [torch.empty_like(running_mean), torch.empty_like(running_var)]
+    else:
+        new = [x.new_empty((0,), dtype=torch.float32) for _ in range(2)]
+    return y, stat[0], stat[1], new[0], new[1]
 
 
 @torch.library.custom_op("bnrewrite::fused_bn_backward", mutates_args=())
@@ -556,20 +590,20 @@ def _backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, offsets, method, ratio, groups, sampling, vdn_samples, eps = inputs
-    _, mean, var = output
+    x, weight, bias, _rm, _rv, offsets, _m, _mt, method, ratio, groups, sampling, vdn, eps = inputs
+    _, mean, var, new_rm, new_rv = output
     ctx.save_for_backward(x, weight, offsets, mean, var)
-    ctx.config = (method, ratio, groups, sampling, vdn_samples, eps)
+    ctx.config = (method, ratio, groups, sampling, vdn, eps)
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, var)
+    ctx.mark_non_differentiable(mean, var, new_rm, new_rv)
 
 
-def _backward(ctx: Any, dy: Tensor, _dmean: Any, _dvar: Any) -> tuple[Any, ...]:
+def _backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Any, ...]:
     x, weight, offsets, mean, var = ctx.saved_tensors
     dx, dg, db = fused_bn_backward(dy, x, mean, var, weight, offsets, *ctx.config)
     dw = dg.to(weight.dtype) if weight is not None else None
     dbias = db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None
-    return dx, dw, dbias, None, None, None, None, None, None, None
+    return (dx, dw, dbias) + (None,) * 11
 
 
 fused_bn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -609,11 +643,21 @@ def fused_sampled_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
         )
     offsets = draw_offsets(plan, input.device, cfg.seed)
-    y, mean, var = fused_bn_forward(
+    # both running statistics: computed by the finalize kernel and copied back (2 launches
+    # instead of ~9 small ones); one alone: the estimator's update_running_stats
+    in_kernel = running_mean is not None and running_var is not None
+    mom_t = momentum if isinstance(momentum, Tensor) else None
+    if mom_t is not None:
+        mom_t = mom_t.to(device=input.device, dtype=torch.float32).reshape(())
+    y, mean, var, new_rm, new_rv = fused_bn_forward(
         input,
         weight,
         bias,
+        running_mean if in_kernel else None,
+        running_var if in_kernel else None,
         offsets,
+        0.0 if mom_t is not None else float(momentum),
+        mom_t,
         cfg.method,
         float(cfg.ratio),
         int(cfg.groups),
@@ -621,6 +665,10 @@ def fused_sampled_batch_norm(
         int(cfg.vdn_samples),
         float(eps),
     )
-    if running_mean is not None or running_var is not None:
+    if in_kernel:
+        with torch.no_grad():
+            running_mean.copy_(new_rm)  # type: ignore[union-attr]
+            running_var.copy_(new_rv)  # type: ignore[union-attr]
+    elif running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return y

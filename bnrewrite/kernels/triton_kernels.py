@@ -311,13 +311,25 @@ def finalize_stats_kernel(
     mean_ptr,
     var_ptr,
     scale_ptr,
+    rm_ptr,
+    rv_ptr,
+    nrm_ptr,
+    nrv_ptr,
+    mom_ptr,
     P,
     C,
     eps,
+    momentum,
+    unbias,
     HAS_W: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
+    MOM_TENSOR: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Merge the partials; with ``HAS_RUNNING`` also the new running statistics (functional):
+    ``nrm = (1-m)*rm + m*mean``, ``nrv = (1-m)*rv + m*var*n/(n-1)`` (``m`` from ``mom_ptr`` if
+    ``MOM_TENSOR``), as ``bnrewrite.estimators.update_running_stats``."""
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -353,6 +365,17 @@ def finalize_stats_kernel(
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)
     tl.store(scale_ptr + c, scale, mask=c_mask)
+    if HAS_RUNNING:
+        if MOM_TENSOR:
+            m = tl.load(mom_ptr).to(tl.float32)
+        else:
+            m = momentum
+        rm = tl.load(rm_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        rm = (1 - m) * rm + m * mean
+        rv = (1 - m) * rv + m * (var * unbias)
+        tl.store(nrm_ptr + c, rm.to(nrm_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(nrv_ptr + c, rv.to(nrv_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
