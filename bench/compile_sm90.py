@@ -70,7 +70,11 @@ def compile_one(fn: Any, dtype: str, constexprs: dict[str, Any], num_warps: int)
     )
     res: dict[str, Any] = {"kernel": fn.__name__, "dtype": dtype, "s": time.perf_counter() - t0}
     res.update(
-        {k_: v for k_, v in constexprs.items() if k_ in ("CL", "BLOCK_L", "BLOCK_C", "BLOCK_S")}
+        {
+            k_: v
+            for k_, v in constexprs.items()
+            if k_ in ("CL", "UNIFORM", "BLOCK_L", "BLOCK_C", "BLOCK_S")
+        }
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
