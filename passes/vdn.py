@@ -1316,6 +1316,8 @@ class _Analyzer:
 
     # -- modules ----------------------------------------------------------------------------------
     def _module(self, node: fx.Node) -> str | None:
+        if _is_guard(node):
+            return None  # torch.export's input guards: they keep seeing the user's inputs
         mod = self.gm.get_submodule(str(node.target))
         x = node.args[0] if node.args else None
         others = [n for n in node.all_input_nodes if n is not x and self.st(n)]
@@ -1350,6 +1352,10 @@ class _Analyzer:
             node, f"calls the module {type(mod).__name__}, which the VDN analysis does not know"
         )
         return None
+
+
+def _is_guard(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith("_guards_fn")
 
 
 def _set_arg(node: fx.Node, pos: int, key: str, value: Any) -> None:
@@ -1611,7 +1617,7 @@ def rewrite_vdn(
     report.sliced_outputs = len(stripped)
     with graph.inserting_before(anchor):
         for i, x in enumerate(analysis.batch_inputs):
-            old_users = set(x.users)
+            old_users = {u for u in x.users if not _is_guard(u)}
             seed = (cfg.seed or 0) + i
             virt = emitter.virtual(x, rows, cfg, seed)
             moments = _moments_for(virtual_moments, x.name, i)
