@@ -79,6 +79,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CPU only: run the Triton kernels under TRITON_INTERPRET=1 (slow; tiny shapes)",
     )
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting sections after")
+    p.add_argument(
+        "--sections",
+        default=None,
+        help="comma list of checks,layers,e2e,compile,e2e-extra,tune (default: all, in order)",
+    )
+    p.add_argument(
+        "--e2e-variants",
+        default=None,
+        help="ResNet-50 variants instead of the defaults, e.g. 'plain,fused bs 0.125,backend+kernels "
+        "bs 0.125,backend bs 0.125,torch fs 0.0625' (kinds: plain, fused, backend, "
+        "backend+kernels, torch)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +320,7 @@ def _layer_table(
     device, dtype, small = ctx["device"], ctx["dtype"], ctx["small"]
     methods = _parse_methods(args.methods)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if phase == "base":
+    if phase == "base" or not result["layers"]:
         for shape in _parse_shapes(args.shapes, small, ctx["batch"]):
             numel = math.prod(shape)
             result["layers"].append(
@@ -320,6 +332,7 @@ def _layer_table(
                     "times": {},
                 }
             )
+    if phase == "base":
         rows = result["layers"]
     else:
         mode = args.compile
@@ -518,6 +531,9 @@ def _timed_steps(
     }
 
 
+_E2E_KINDS = ("plain", "fused", "backend", "backend+kernels", "torch")
+
+
 def _e2e(
     args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any], phase: str
 ) -> None:
@@ -529,7 +545,19 @@ def _e2e(
     methods = _parse_methods(args.methods)
     first = methods[0][1:] if methods else ("bs", 0.125)
     spec = f"{first[0]} {first[1]}"
-    if phase == "core":
+    if args.e2e_variants:
+        if phase != "core":
+            return
+        names = [v.strip() for v in args.e2e_variants.split(",") if v.strip()]
+        bad = [
+            n for n in names if n.split(" ")[0] not in _E2E_KINDS or (n != "plain" and " " not in n)
+        ]
+        if bad:
+            raise ValueError(
+                f"--e2e-variants: bad {bad[0]!r}; use 'plain' or '<kind> <method> <ratio>' with "
+                f"kind one of {', '.join(_E2E_KINDS)}"
+            )
+    elif phase == "core":
         names = ["plain"]
         if ctx["kernels"]:
             names.append(f"fused {spec}")
@@ -573,7 +601,7 @@ def _e2e_run(
 ) -> None:
     small = ctx["small"]
     # first-compile estimate (s); replaced by what the previous variant took
-    est = ctx.setdefault("e2e_estimate", 30.0 if small else 110.0)
+    est = ctx.setdefault("e2e_estimate", 30.0 if small else 80.0)
     for name in names:
         if budget.left() < est * 1.15 + 5:
             result["skipped"].append(f"e2e {name}: budget ({budget.left():.0f} s left)")
@@ -669,8 +697,30 @@ def _bandwidth(device: str) -> float | None:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
+SECTIONS = ("checks", "layers", "e2e", "compile", "e2e-extra", "tune")
+
+
+def _sections(args: argparse.Namespace) -> set[str]:
+    chosen = [v.strip() for v in (args.sections or ",".join(SECTIONS)).split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in SECTIONS]
+    if unknown:
+        raise ValueError(f"--sections: unknown {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    out = set(chosen)
+    if args.no_check:
+        out.discard("checks")
+    if args.no_e2e:
+        out -= {"e2e", "e2e-extra"}
+    if args.no_tune:
+        out.discard("tune")
+    if args.e2e_variants:
+        out.discard("e2e-extra")
+        out.add("e2e")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     budget = _Budget(args.budget_s)
+    _sections(args)  # bad values: one line, before any output
     if args.interpret:
         if args.device == "cuda":
             raise ValueError("--interpret runs the kernels on the CPU; drop --device cuda")
@@ -746,7 +796,9 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda":
         result["meta"]["copy_bw_measured"] = _bandwidth(device)
         print(f"  copy bandwidth {result['meta']['copy_bw_measured'] / 1e12:.2f} TB/s", flush=True)
-    if not args.no_check and kernels:
+    sections = _sections(args)
+    result["meta"]["sections"] = sorted(sections)
+    if "checks" in sections and kernels:
         result["checks"] = _checks(device, dtype, small)
         bad = [c for c in result["checks"] if not c["ok"]]
         print(
@@ -754,15 +806,18 @@ def run(args: argparse.Namespace) -> int:
         )
     # cheap rows first, then the ResNet-50 step, then what needs many compiles; a phase that
     # fails is recorded and the run goes on, so the JSON is always written
-    phases: list[tuple[str, Callable[[], None]]] = [
-        ("layers", lambda: _layer_table(args, ctx, budget, result, "base"))
-    ]
-    if not args.no_e2e:
+    phases: list[tuple[str, Callable[[], None]]] = []
+    if "layers" in sections:
+        phases.append(("layers", lambda: _layer_table(args, ctx, budget, result, "base")))
+    if "e2e" in sections:
         phases.append(("e2e core", lambda: _e2e(args, ctx, budget, result, "core")))
-    phases.append(("layers compile", lambda: _layer_table(args, ctx, budget, result, "compile")))
-    if not args.no_e2e:
+    if "compile" in sections:
+        phases.append(
+            ("layers compile", lambda: _layer_table(args, ctx, budget, result, "compile"))
+        )
+    if "e2e-extra" in sections:
         phases.append(("e2e extra", lambda: _e2e(args, ctx, budget, result, "extra")))
-    if not args.no_tune:
+    if "tune" in sections:
         phases.append(("tuning", lambda: _tune(args, ctx, budget, result)))
     for name, phase in phases:
         try:
