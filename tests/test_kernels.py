@@ -219,6 +219,33 @@ def test_no_affine_no_running_stats_and_tensor_momentum():
     _compare(x, cfg, momentum=torch.tensor(0.25))
 
 
+def _relu_reference(*args, **kwargs):
+    return torch.relu(sampled_batch_norm(*args, **kwargs))
+
+
+def _fused_relu(*args, **kwargs):
+    return fused_sampled_batch_norm(*args, relu=True, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize(
+    "method,dtype", [("bs", torch.float32), ("fs", torch.float32), ("fs", torch.bfloat16)]
+)
+def test_relu_epilogue(method, dtype, layout):
+    """relu=True: the ReLU fused into normalise, its mask recomputed from x in the backward."""
+    x = _input((8, 16, 6, 5), dtype=dtype, layout=layout)
+    cfg = SamplingConfig(method=method, ratio=0.25)
+    ref = _run(_relu_reference, x, cfg)
+    got = _run(_fused_relu, x, cfg)
+    tol = TOL[dtype]
+    for name, r, o in zip(["y", "dx", "dw", "db", "rm", "rv"], ref, got, strict=True):
+        t = tol if r.dtype != torch.float32 else TOL[torch.float32]
+        if name in ("dw", "db"):
+            t = dict(atol=t["atol"] * 20, rtol=t["rtol"])
+        torch.testing.assert_close(o, r, **t, msg=lambda m, n=name: f"{n}: {m}")
+    assert (got[0] >= 0).all() and (got[0] == 0).any()
+
+
 def test_launch_heuristics_do_not_change_results():
     from bnrewrite.kernels.ops import tuning
 
@@ -292,7 +319,7 @@ def _op_args(x, cfg_args=("fs", 0.25, 4, "random", 2), eps=1e-5):
     off = torch.zeros((x.shape[0], 4, 2), dtype=torch.int64, device=x.device)
     off[..., 0] = 1
     rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
-    return (x, w, b, rm, rv, off, 0.1, None, *cfg_args, eps)
+    return (x, w, b, rm, rv, off, 0.1, None, *cfg_args, eps, True)
 
 
 def test_opcheck_forward_and_backward():
@@ -301,7 +328,7 @@ def test_opcheck_forward_and_backward():
     torch.library.opcheck(fused_bn_forward, args)
     y, mean, var, _, _ = fused_bn_forward(*args)
     dy = torch.randn_like(y)
-    bargs = (dy, x.detach(), mean, var, args[1], args[5], *args[8:])
+    bargs = (dy, x.detach(), mean, var, args[1], args[2], args[5], *args[8:])
     torch.library.opcheck(fused_bn_backward, bargs)
 
 

@@ -364,6 +364,7 @@ def _forward_impl(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
     lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
@@ -418,7 +419,7 @@ def _forward_impl(
     b = bias if bias is not None else scale
     tk.normalize_kernel[(n_tiles, _cdiv(C, bc))](
         x, y, mean, scale, b, C, L_eff, LB, n_tiles,
-        CL=cl, HAS_B=bias is not None, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+        CL=cl, HAS_B=bias is not None, RELU=relu, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     return y, mean, var, new_rm, new_rv
 
@@ -429,6 +430,7 @@ def _backward_impl(
     mean: Tensor,
     var: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     offsets: Tensor | None,
     method: str,
     ratio: float,
@@ -436,6 +438,7 @@ def _backward_impl(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
     lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
@@ -454,10 +457,12 @@ def _backward_impl(
     partials = torch.empty((2, progs, C), dtype=torch.float32, device=dev)
     w = weight if weight is not None else mean
     has_w = weight is not None
+    b = bias if bias is not None else mean
+    has_b = bias is not None
     tk.bwd_main_kernel[(progs, cb)](
-        x, dy, dx, mean, var, w, partials[0], partials[1],
+        x, dy, dx, mean, var, w, b, partials[0], partials[1],
         C, L_eff, LB, n_tiles, tpp, eps,
-        CL=cl, HAS_W=has_w, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+        CL=cl, HAS_W=has_w, HAS_B=has_b, RELU=relu, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     db = torch.empty((C,), dtype=torch.float32, device=dev)
     dg = torch.empty((C,), dtype=torch.float32, device=dev)
@@ -477,10 +482,10 @@ def _backward_impl(
         sprogs = _cdiv(s_tiles, stpp)
         o = part.off_cols
         tk.bwd_fixup_kernel[(sprogs, scb)](
-            x, dy, dx, off, mean, var, w, db, dg, inv_n, eps,
+            x, dy, dx, off, mean, var, w, b, db, dg, inv_n, eps,
             C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
             *lp.S, *part.m, *part.st, stpp,
-            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform, HAS_W=has_w,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform, HAS_W=has_w, HAS_B=has_b, RELU=relu,
             BLOCK_S=bs, BLOCK_C=sbc, num_warps=4,
         )  # fmt: skip
     return dx, dg, db
@@ -505,8 +510,9 @@ def fused_bn_forward(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sampled statistics and normalisation (see the module docstring).
+    """Sampled statistics and normalisation (see the module docstring); ``relu``: ``relu(y)``.
 
     Returns ``(y, mean, var, new_running_mean, new_running_var)``. The new running statistics
     (functional, like ``aten._native_batch_norm_legit_functional``) come from the finalize kernel
@@ -515,7 +521,7 @@ def fused_bn_forward(
     """
     return _forward_impl(
         x, weight, bias, running_mean, running_var, offsets, momentum, momentum_t,
-        method, ratio, groups, sampling, vdn_samples, eps,
+        method, ratio, groups, sampling, vdn_samples, eps, relu,
     )  # fmt: skip
 
 
@@ -535,6 +541,7 @@ def _forward_fake(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
@@ -554,6 +561,7 @@ def fused_bn_backward(
     mean: Tensor,
     var: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     offsets: Tensor | None,
     method: str,
     ratio: float,
@@ -561,11 +569,16 @@ def fused_bn_backward(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dgamma, dbeta)`` of :func:`fused_bn_forward` (dgamma, dbeta in float32)."""
+    """``(dx, dgamma, dbeta)`` of :func:`fused_bn_forward` (dgamma, dbeta in float32).
+
+    With ``relu`` the ReLU mask is recomputed from ``x`` (``bias`` is needed for that).
+    """
     return _backward_impl(
-        dy, x, mean, var, weight, offsets, method, ratio, groups, sampling, vdn_samples, eps
-    )
+        dy, x, mean, var, weight, bias, offsets,
+        method, ratio, groups, sampling, vdn_samples, eps, relu,
+    )  # fmt: skip
 
 
 @fused_bn_backward.register_fake
@@ -575,6 +588,7 @@ def _backward_fake(
     mean: Tensor,
     var: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     offsets: Tensor | None,
     method: str,
     ratio: float,
@@ -582,6 +596,7 @@ def _backward_fake(
     sampling: str,
     vdn_samples: int,
     eps: float,
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
@@ -590,20 +605,23 @@ def _backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, _rm, _rv, offsets, _m, _mt, method, ratio, groups, sampling, vdn, eps = inputs
+    x, weight, bias, _rm, _rv, offsets, _m, _mt, method, ratio, groups, sampling, vdn, eps = inputs[
+        :14
+    ]
+    relu = inputs[14]
     _, mean, var, new_rm, new_rv = output
-    ctx.save_for_backward(x, weight, offsets, mean, var)
-    ctx.config = (method, ratio, groups, sampling, vdn, eps)
+    ctx.save_for_backward(x, weight, bias, offsets, mean, var)
+    ctx.config = (method, ratio, groups, sampling, vdn, eps, relu)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, var, new_rm, new_rv)
 
 
 def _backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Any, ...]:
-    x, weight, offsets, mean, var = ctx.saved_tensors
-    dx, dg, db = fused_bn_backward(dy, x, mean, var, weight, offsets, *ctx.config)
+    x, weight, bias, offsets, mean, var = ctx.saved_tensors
+    dx, dg, db = fused_bn_backward(dy, x, mean, var, weight, bias, offsets, *ctx.config)
     dw = dg.to(weight.dtype) if weight is not None else None
     dbias = db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None
-    return (dx, dw, dbias) + (None,) * 11
+    return (dx, dw, dbias) + (None,) * 12
 
 
 fused_bn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -623,8 +641,12 @@ def fused_sampled_batch_norm(
     eps: float = 1e-5,
     *,
     config: SamplingConfig | dict[str, Any] | str | None = None,
+    relu: bool = False,
 ) -> Tensor:
     """:func:`bnrewrite.sampled_batch_norm` through the fused kernels when they apply.
+
+    ``relu=True`` returns ``relu(batch_norm(...))`` with the ReLU fused into the kernels (no extra
+    pass forward or backward).
 
     Same contract. Runs the Triton kernels for CUDA inputs (and CPU inputs under
     ``TRITON_INTERPRET=1``, see :func:`can_use_kernels`), else the pure-torch estimator. Offsets are
@@ -632,16 +654,14 @@ def fused_sampled_batch_norm(
     RNG state (or seed) gives the same sample set.
     """
     cfg = SamplingConfig.coerce(config)
-    if not training or not can_use_kernels(input, cfg):
-        return sampled_batch_norm(
+    use = training and can_use_kernels(input, cfg)
+    plan = sample_plan(tuple(input.shape), cfg) if use else None
+    n = plan.count() if plan is not None else 0
+    if plan is None or (isinstance(n, int) and n <= 1):  # the estimator raises its error
+        y = sampled_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
         )
-    plan = sample_plan(tuple(input.shape), cfg)
-    n = plan.count()
-    if isinstance(n, int) and n <= 1:  # same error as the reference
-        return sampled_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
-        )
+        return torch.relu(y) if relu else y
     offsets = draw_offsets(plan, input.device, cfg.seed)
     # both running statistics: computed by the finalize kernel and copied back (2 launches
     # instead of ~9 small ones); one alone: the estimator's update_running_stats
@@ -664,6 +684,7 @@ def fused_sampled_batch_norm(
         cfg.sampling,
         int(cfg.vdn_samples),
         float(eps),
+        bool(relu),
     )
     if in_kernel:
         with torch.no_grad():

@@ -26,7 +26,8 @@ Kernels:
 * ``sample_stats_kernel``  -- per-program partial (count, mean, M2) over the sample, merged across
   tiles with Chan's formula (numerically stable, deterministic: no atomics).
 * ``finalize_stats_kernel`` -- merges the partials into mean, biased variance, ``scale = w*rstd``.
-* ``normalize_kernel``     -- ``y = (x - mean) * scale + b`` over the whole tensor (2 passes).
+* ``normalize_kernel``     -- ``y = (x - mean) * scale + b`` over the whole tensor (2 passes),
+  optionally ``relu(y)`` (the backward kernels then recompute the ReLU mask from ``x``).
 * ``bwd_main_kernel``      -- ``dx = scale * dy`` over the whole tensor, and per-program partials of
   ``dbeta = sum dy`` and ``dgamma = sum dy * xhat`` (3 passes).
 * ``reduce_partials_kernel`` -- sums those partials.
@@ -387,6 +388,15 @@ def _scale(w_ptr, c, c_mask, rstd, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B: tl.constexpr):
+    """``(x - mean) * scale + b``: the BN output before the (optional) ReLU epilogue."""
+    y = (x - mean[None, :]) * scale[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _tile(pid, c, C, L, LB, n_tiles, CL: tl.constexpr, BLOCK_L: tl.constexpr):
     """Offsets (int64 base + int32 tile offsets) and mask of row tile ``pid``."""
     n = pid // LB
@@ -416,6 +426,7 @@ def normalize_kernel(
     n_tiles,
     CL: tl.constexpr,
     HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -426,10 +437,9 @@ def normalize_kernel(
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     base, offs, mask = _tile(pid, c, C, L, LB, n_tiles, CL, BLOCK_L)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (x - mean[None, :]) * scale[None, :]
-    if HAS_B:
-        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        y = y + b[None, :]
+    y = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+    if RELU:
+        y = tl.maximum(y, 0.0)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -441,6 +451,7 @@ def bwd_main_kernel(
     mean_ptr,
     var_ptr,
     w_ptr,
+    b_ptr,
     pdb_ptr,
     pdg_ptr,
     C,
@@ -451,6 +462,8 @@ def bwd_main_kernel(
     eps,
     CL: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -466,6 +479,9 @@ def bwd_main_kernel(
         base, offs, mask = _tile(pid * tiles_per_prog + t, c, C, L, LB, n_tiles, CL, BLOCK_L)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:  # gradient at the BN output: recompute the ReLU mask from x (no extra pass)
+            pre = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+            dy = tl.where(pre > 0, dy, 0.0)
         tl.store(dx_ptr + base + offs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
         acc_db += dy
         acc_dg += dy * (x - mean[None, :])  # dy is 0 outside the mask
@@ -507,6 +523,7 @@ def bwd_fixup_kernel(
     mean_ptr,
     var_ptr,
     w_ptr,
+    b_ptr,
     db_ptr,
     dg_ptr,
     inv_n,
@@ -535,6 +552,8 @@ def bwd_fixup_kernel(
     CL: tl.constexpr,
     UNIFORM: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -556,5 +575,8 @@ def bwd_fixup_kernel(
         x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :]) * rstd[None, :]
+        if RELU:
+            pre = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+            dy = tl.where(pre > 0, dy, 0.0)
         dx = scale[None, :] * (dy - (db[None, :] + xhat * dg[None, :]) * inv_n)
         tl.store(dx_ptr + addr, dx.to(dx_ptr.dtype.element_ty), mask=mask)
