@@ -168,9 +168,9 @@ class _Onnx:
             if not any(i in self.batch for i in ins):
                 continue
             if self.rule(node, index, ins):
-                for out in node.output:
-                    if out:
-                        self.batch.add(out)
+                # BatchNormalization: only Y is batch-carrying (the others are statistics)
+                outs = node.output[:1] if node.op_type == "BatchNormalization" else node.output
+                self.batch.update(o for o in outs if o)
         return [o.name for o in self.graph.output if o.name in self.batch]
 
     def rule(self, node: onnx.NodeProto, index: int, ins: list[str]) -> bool:
