@@ -1579,13 +1579,10 @@ def rewrite_vdn(
         raise ValueError(
             f"rewrite_vdn expects an nn.Module or a torch.fx.GraphModule, got {type(obj).__name__}"
         )
-    analysis_gm = gm
     if example_inputs is not None and not any(
         _val(n) is not None for n in gm.graph.nodes if n.op == "placeholder"
     ):
-        if inplace:  # shape propagation writes meta only, but keep the input's graph clean
-            analysis_gm = gm
-        _shape_prop(analysis_gm, example_inputs)
+        _shape_prop(gm, example_inputs)  # meta only; parameters and buffers are restored
     analysis = analyze(
         gm,
         cfg,
