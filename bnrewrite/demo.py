@@ -463,6 +463,10 @@ def _plot(path: Path, results: Sequence[RunResult], methods: Sequence[str], titl
                 color=line.get_color(),
                 alpha=0.15,
             )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("test accuracy (mean ± std over seeds)")
