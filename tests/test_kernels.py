@@ -471,3 +471,45 @@ def test_fused_modules_compile_without_graph_breaks():
     for a, b in zip(net.state_dict().values(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(net[0].weight.grad, ref[0].weight.grad, atol=2e-4, rtol=2e-4)
+
+
+class _Block(torch.nn.Module):
+    """A shared ReLU module (as in torchvision's Bottleneck) and a BN with two users."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):  # noqa: ANN001
+        h = self.relu(self.bn1(self.conv1(x)))
+        z = self.bn2(self.conv2(h))
+        return self.relu(z) + torch.nn.functional.relu(z) + z  # bn2 has three users: not fused
+
+
+def test_fuse_relu_graph_module():
+    from bnrewrite.kernels import fuse_relu
+
+    cfg = SamplingConfig(method="fs", ratio=0.25)
+    torch.manual_seed(0)
+    net = _Block().to(DEV)
+    ref = copy.deepcopy(net)
+    bnrewrite.convert_(ref, cfg)
+    convert_fused_(net, cfg)
+    gm = fuse_relu(net)
+    assert gm.bnrewrite_fused_relu == 1
+    assert gm.get_submodule("bn1").fuse_relu and not net.bn1.fuse_relu
+    assert not gm.get_submodule("bn2").fuse_relu
+    x = _input((4, 3, 6, 6))
+    outs = []
+    for m in (ref, gm):
+        torch.manual_seed(5)
+        y = m(x)
+        y.square().sum().backward()
+        outs.append((y, m.get_submodule("conv1").weight.grad, m.get_submodule("bn1").running_var))
+    for a, b in zip(*outs, strict=True):  # conv grads reach ~1e3: tolerance relative to that
+        torch.testing.assert_close(a, b, atol=5e-6 * max(1.0, b.abs().max().item()), rtol=5e-5)
+    assert net.bn1.weight.grad is not None  # parameters are shared with the original model

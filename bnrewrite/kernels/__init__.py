@@ -12,6 +12,7 @@ from .modules import (
     FusedSampledBatchNorm2d,
     FusedSampledBatchNorm3d,
     convert_fused_,
+    fuse_relu,
 )
 from .ops import (
     can_use_kernels,
@@ -35,4 +36,5 @@ __all__ = [
     "FusedSampledBatchNorm2d",
     "FusedSampledBatchNorm3d",
     "convert_fused_",
+    "fuse_relu",
 ]

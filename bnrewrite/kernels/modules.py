@@ -7,10 +7,12 @@ buffers, ``state_dict`` and running-statistics bookkeeping) whose training forwa
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from ..config import SamplingConfig
 from ..modules import (
@@ -26,6 +28,7 @@ __all__ = [
     "FusedSampledBatchNorm2d",
     "FusedSampledBatchNorm3d",
     "convert_fused_",
+    "fuse_relu",
 ]
 
 
@@ -33,6 +36,8 @@ class _FusedMixin:
     """The forward of :class:`bnrewrite.modules.SampledBatchNormMixin`, calling the fused op."""
 
     config: SamplingConfig
+    #: set by :func:`fuse_relu` on the twin that replaces a ``BN -> ReLU`` pair
+    fuse_relu: bool = False
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - PyTorch's name
         self._check_input_dim(input)  # type: ignore[attr-defined]
@@ -55,6 +60,7 @@ class _FusedMixin:
             momentum,
             self.eps,  # type: ignore[attr-defined]
             config=self.config,
+            relu=self.fuse_relu,
         )
 
 
@@ -90,3 +96,62 @@ def convert_fused_(
         if fused is not None:
             module.__class__ = fused
     return model
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and len(node.args) == 1
+    return False
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps BatchNorm layers (sampled, fused or not) as ``call_module`` leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def fuse_relu(model: nn.Module) -> fx.GraphModule:
+    """A ``GraphModule`` of ``model`` with each fused sampled BN that feeds only a ReLU fused to it.
+
+    ``model`` must already hold fused sampled BN layers (:func:`convert_fused_`). Each pattern
+    ``bn(x) -> relu`` (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``), where the BN output
+    has no other user and the BN module is called once, becomes one call of a twin of that BN
+    (sharing its parameters and buffers) with ``fuse_relu=True``: the ReLU runs in the kernels'
+    epilogue, and its backward costs no extra pass. ``model`` itself is not modified.
+    """
+    gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls[str(node.target)] != 1:
+            continue
+        bn = gm.get_submodule(str(node.target))
+        if not isinstance(bn, _FusedMixin) or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if not _is_relu(gm, user):
+            continue
+        twin = copy.copy(bn)  # shares _parameters / _buffers with the original
+        twin.fuse_relu = True
+        parent, _, name = str(node.target).rpartition(".")
+        gm.get_submodule(parent).register_module(name, twin)
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        fused += 1
+    gm.graph.lint()
+    gm.recompile()
+    gm.bnrewrite_fused_relu = fused  # type: ignore[assignment]
+    return gm
