@@ -1595,6 +1595,16 @@ def rewrite_vdn(
     # -- from here on the graph is modified (the analysis proved it is batch-independent) --------
     v = cfg.vdn_samples
     report = VDNReport(virtual_rows=v, sampling=cfg.sampling)
+    uses_rows = analysis.bn or any(r.startswith("already rewritten") for _, r in analysis.skipped)
+    if not uses_rows:
+        # No BN takes statistics from virtual rows (an eval-mode graph, as Dynamo compiles after
+        # .eval()): the graph already treats samples independently and needs no virtual rows.
+        report.virtual_rows = 0
+        report.bn.skipped.extend(analysis.skipped)
+        gm.meta["bnrewrite"] = report.bn
+        gm.meta["bnrewrite_vdn"] = report
+        log.info("rewrite_vdn: no training-mode BatchNorm; graph left as it is")
+        return (gm, report) if return_report else gm
     aten_level = _is_aten_graph(gm)
     graph = gm.graph
     conditional = not analysis.specialized  # symbolic_trace graphs follow self.training
@@ -1633,8 +1643,6 @@ def rewrite_vdn(
         rewrite_node(gm, site, chosen, follow_module_training=traced)
         report.bn.rewritten.append((site.name, chosen.method))
     report.bn.skipped.extend(analysis.skipped)
-    if not analysis.bn and not any(name for name, _ in analysis.skipped):
-        log.info("rewrite_vdn: no BatchNorm in the graph; virtual rows appended all the same")
     n = analysis.batch_size
     for node, edit in analysis.edits:
         edit(n + v)

@@ -566,6 +566,23 @@ def _val_of(node):
     return node.meta.get("example_value") if node.op == "placeholder" else None
 
 
+def test_compile_eval_mode_graph_is_left_alone():
+    """After .eval() Dynamo compiles a graph without training BN: no virtual rows, and the
+    compiled model equals the plain model in eval mode."""
+    torch.manual_seed(0)
+    model = PerSampleView()
+    graphs: list = []
+    cfg = SamplingConfig(method="vdn", vdn_samples=V)
+    _train_compiled(model, _vdn_backend(cfg, graphs), [torch.randn(4, 3, 6, 6)])
+    model.eval()
+    compiled = torch.compile(model, backend=_vdn_backend(cfg, graphs))
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    assert graphs[-1].meta["bnrewrite_vdn"].virtual_rows == 0
+    assert not any(n.target is torch.cat for n in graphs[-1].graph.nodes)
+
+
 def test_compile_registered_backend():
     """Acceptance 5 through the registered backend, once bnrewrite/backend.py dispatches VDN."""
     entry = zoo_entry("resnet_basic")
