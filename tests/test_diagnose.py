@@ -59,7 +59,7 @@ def test_bs_estimates_better_than_ns(result):
     # per channel the two take the same distribution of samples: same error up to noise
     for key in ("mean_err", "var_err"):
         ns, bs = _avg(result, "ns", key), _avg(result, "bs", key)
-        assert abs(ns - bs) < 0.25 * ns, (key, ns, bs)
+        assert abs(ns - bs) < 0.1 * ns, (key, ns, bs)
 
 
 def test_fs_lattice_estimates_better_than_single_patch(result):
@@ -114,3 +114,14 @@ def test_diagnose_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a bn_model.pt" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_diagnose_on_a_local_cifar10_copy(tmp_path):
+    from test_demo import _fake_cifar
+
+    _fake_cifar(tmp_path)
+    out = tmp_path / "diag"
+    argv = ["diagnose", "--quick", "--data-dir", str(tmp_path), "--draws", "2", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "diagnose.json").read_text())
+    assert data["layers"][0]["shape"] == [64, 8, 32, 32]  # stem BN, 32x32 maps, quick width 8
