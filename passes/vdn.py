@@ -83,8 +83,7 @@ aten = torch.ops.aten
 _FIXED_CACHE: dict[tuple[Any, ...], Tensor] = {}
 
 
-@torch.library.custom_op("bnrewrite::vdn_fixed_rows", mutates_args=())
-def vdn_fixed_rows(like: Tensor, rows: int, seed: int) -> Tensor:
+def _vdn_fixed_rows(like: Tensor, rows: int, seed: int) -> Tensor:
     """``rows`` standard-normal rows shaped like ``like[0]``, identical on every call.
 
     Drawn in float64 on the CPU from ``torch.Generator().manual_seed(seed)``, then cast to
@@ -103,9 +102,21 @@ def vdn_fixed_rows(like: Tensor, rows: int, seed: int) -> Tensor:
     return rows_t.clone()
 
 
-@vdn_fixed_rows.register_fake
 def _vdn_fixed_rows_fake(like: Tensor, rows: int, seed: int) -> Tensor:
     return like.new_empty((rows, *like.shape[1:]))
+
+
+def _register_fixed_rows() -> Any:
+    """Define ``bnrewrite::vdn_fixed_rows`` once per process (a second import reuses it)."""
+    if hasattr(torch.ops.bnrewrite, "vdn_fixed_rows"):
+        return torch.ops.bnrewrite.vdn_fixed_rows
+    op = torch.library.custom_op("bnrewrite::vdn_fixed_rows", mutates_args=())(_vdn_fixed_rows)
+    op.register_fake(_vdn_fixed_rows_fake)
+    return op
+
+
+#: The op (``torch.ops.bnrewrite.vdn_fixed_rows``); callable as ``vdn_fixed_rows(x, rows, seed)``.
+vdn_fixed_rows = _register_fixed_rows()
 
 
 # ---------------------------------------------------------------------------------------------
