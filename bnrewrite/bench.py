@@ -724,9 +724,25 @@ def _sections(args: argparse.Namespace) -> set[str]:
     return out
 
 
+def _ensure_passes_importable() -> None:
+    """``bnrewrite.passes`` lives in ``passes/`` (package-dir); from a plain checkout on
+    ``PYTHONPATH`` (no install, as on the GPU machine if pip cannot install) make it importable."""
+    import importlib.util
+    from pathlib import Path
+
+    import bnrewrite
+
+    if importlib.util.find_spec("bnrewrite.passes") is not None:
+        return
+    root = Path(bnrewrite.__file__).resolve().parents[1]
+    if (root / "passes" / "__init__.py").exists():
+        bnrewrite.__path__.append(str(root))  # bnrewrite.passes -> <root>/passes
+
+
 def run(args: argparse.Namespace) -> int:
     budget = _Budget(args.budget_s)
     _sections(args)  # bad values: one line, before any output
+    _ensure_passes_importable()
     if args.interpret:
         if args.device == "cuda":
             raise ValueError("--interpret runs the kernels on the CPU; drop --device cuda")
