@@ -246,6 +246,44 @@ def test_relu_epilogue(method, dtype, layout):
     assert (got[0] >= 0).all() and (got[0] == 0).any()
 
 
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("method,dtype", [("bs", torch.float32), ("fs", torch.bfloat16)])
+def test_residual_relu_epilogue(method, dtype, layout):
+    """relu(bn(x) + z): outputs, dx, dz, dweight, dbias and running stats vs the estimator."""
+    x = _input((8, 16, 6, 5), dtype=dtype, layout=layout)
+    z = _input((8, 16, 6, 5), dtype=dtype, layout=layout, seed=9)
+    cfg = SamplingConfig(method=method, ratio=0.25)
+    outs = []
+    for fused in (False, True):
+        # the reference in float32: in bf16 it would round bn(x) before adding z, which flips the
+        # ReLU mask where bn(x) + z is near 0; the kernels add in float32 and round once
+        xx = (x if fused else x.float()).clone().requires_grad_()
+        zz = (z if fused else z.float()).clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, 16, device=DEV).requires_grad_()
+        b = torch.linspace(-0.3, 0.3, 16, device=DEV).requires_grad_()
+        rm, rv = torch.zeros(16, device=DEV), torch.ones(16, device=DEV)
+        torch.manual_seed(3)
+        if fused:
+            y = fused_sampled_batch_norm(
+                xx, rm, rv, w, b, True, 0.1, 1e-5, config=cfg, relu=True, residual=zz
+            )
+        else:
+            y = torch.relu(sampled_batch_norm(xx, rm, rv, w, b, True, 0.1, 1e-5, config=cfg) + zz)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+        y.backward(dy.to(y.dtype))
+        outs.append((y, xx.grad, zz.grad, w.grad, b.grad, rm, rv))
+    tol = TOL[dtype]
+    for name, r, o in zip(["y", "dx", "dz", "dw", "db", "rm", "rv"], *outs, strict=True):
+        assert o.dtype == (dtype if name in ("y", "dx", "dz") else torch.float32), name
+        o, r = o.float(), r.float()
+        t = tol if name in ("y", "dx", "dz") else TOL[torch.float32]
+        if name in ("dw", "db"):
+            t = dict(atol=t["atol"] * 20, rtol=t["rtol"])
+        torch.testing.assert_close(o, r, **t, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(ValueError, match="relu=True"):
+        fused_sampled_batch_norm(x, None, None, training=True, config=cfg, residual=z)
+
+
 def test_launch_heuristics_do_not_change_results():
     from bnrewrite.kernels.ops import tuning
 
@@ -319,7 +357,7 @@ def _op_args(x, cfg_args=("fs", 0.25, 4, "random", 2), eps=1e-5):
     off = torch.zeros((x.shape[0], 4, 2), dtype=torch.int64, device=x.device)
     off[..., 0] = 1
     rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
-    return (x, w, b, rm, rv, off, 0.1, None, *cfg_args, eps, True)
+    return (x, w, b, rm, rv, off, 0.1, None, *cfg_args, eps, True, None)
 
 
 def test_opcheck_forward_and_backward():
@@ -330,6 +368,12 @@ def test_opcheck_forward_and_backward():
     dy = torch.randn_like(y)
     bargs = (dy, x.detach(), mean, var, args[1], args[2], args[5], *args[8:])
     torch.library.opcheck(fused_bn_backward, bargs)
+    # the residual-add + ReLU form
+    z = torch.randn_like(x.detach()).requires_grad_()
+    rargs = (*args[:-1], z)
+    torch.library.opcheck(fused_bn_forward, rargs)
+    y, mean, var, _, _ = fused_bn_forward(*rargs)
+    torch.library.opcheck(fused_bn_backward, (*bargs[:-1], z.detach()))
 
 
 def test_torch_compile_traces_the_ops():

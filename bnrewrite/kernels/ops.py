@@ -365,6 +365,7 @@ def _forward_impl(
     vdn_samples: int,
     eps: float,
     relu: bool = False,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
     lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
@@ -417,9 +418,11 @@ def _forward_impl(
     y = _empty(tuple(x.shape), cl, x.dtype, dev)
     L_eff, LB, n_tiles, bl, bc, nw = _dense_geometry(lp, cl)
     b = bias if bias is not None else scale
+    z = _as_layout(residual, cl) if residual is not None else x
     tk.normalize_kernel[(n_tiles, _cdiv(C, bc))](
-        x, y, mean, scale, b, C, L_eff, LB, n_tiles,
-        CL=cl, HAS_B=bias is not None, RELU=relu, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+        x, y, mean, scale, b, z, C, L_eff, LB, n_tiles,
+        CL=cl, HAS_B=bias is not None, HAS_Z=residual is not None, RELU=relu,
+        BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     return y, mean, var, new_rm, new_rv
 
@@ -439,7 +442,8 @@ def _backward_impl(
     vdn_samples: int,
     eps: float,
     relu: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
     lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
     x, cl = _canonical(x)
@@ -459,10 +463,14 @@ def _backward_impl(
     has_w = weight is not None
     b = bias if bias is not None else mean
     has_b = bias is not None
+    has_z = residual is not None
+    z = _as_layout(residual, cl) if residual is not None else x
+    dz = _empty(tuple(x.shape), cl, residual.dtype, dev) if residual is not None else x.new_empty(0)
     tk.bwd_main_kernel[(progs, cb)](
-        x, dy, dx, mean, var, w, b, partials[0], partials[1],
+        x, dy, dx, mean, var, w, b, z, dz if has_z else dx, partials[0], partials[1],
         C, L_eff, LB, n_tiles, tpp, eps,
-        CL=cl, HAS_W=has_w, HAS_B=has_b, RELU=relu, BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
+        CL=cl, HAS_W=has_w, HAS_B=has_b, HAS_Z=has_z, RELU=relu,
+        BLOCK_L=bl, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     db = torch.empty((C,), dtype=torch.float32, device=dev)
     dg = torch.empty((C,), dtype=torch.float32, device=dev)
@@ -482,13 +490,13 @@ def _backward_impl(
         sprogs = _cdiv(s_tiles, stpp)
         o = part.off_cols
         tk.bwd_fixup_kernel[(sprogs, scb)](
-            x, dy, dx, off, mean, var, w, b, db, dg, inv_n, eps,
+            x, dy, dx, off, mean, var, w, b, z, db, dg, inv_n, eps,
             C, lp.L, lp.G, lp.A, part.total, part.row_base, part.row_mod,
             *lp.S, *part.m, *part.st, stpp,
-            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform, HAS_W=has_w, HAS_B=has_b, RELU=relu,
+            OFF_R=o[0], OFF_0=o[1], OFF_1=o[2], OFF_2=o[3], CL=cl, UNIFORM=uniform, HAS_W=has_w, HAS_B=has_b, HAS_Z=has_z, RELU=relu,
             BLOCK_S=bs, BLOCK_C=sbc, num_warps=4,
         )  # fmt: skip
-    return dx, dg, db
+    return dx, dg, db, dz
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,8 +519,11 @@ def fused_bn_forward(
     vdn_samples: int,
     eps: float,
     relu: bool,
+    residual: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sampled statistics and normalisation (see the module docstring); ``relu``: ``relu(y)``.
+    """Sampled statistics and normalisation (see the module docstring).
+
+    ``relu``: ``relu(y)``; with ``residual`` (needs ``relu``): ``relu(y + residual)``.
 
     Returns ``(y, mean, var, new_running_mean, new_running_var)``. The new running statistics
     (functional, like ``aten._native_batch_norm_legit_functional``) come from the finalize kernel
@@ -521,7 +532,7 @@ def fused_bn_forward(
     """
     return _forward_impl(
         x, weight, bias, running_mean, running_var, offsets, momentum, momentum_t,
-        method, ratio, groups, sampling, vdn_samples, eps, relu,
+        method, ratio, groups, sampling, vdn_samples, eps, relu, residual,
     )  # fmt: skip
 
 
@@ -542,6 +553,7 @@ def _forward_fake(
     vdn_samples: int,
     eps: float,
     relu: bool,
+    residual: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
@@ -570,14 +582,16 @@ def fused_bn_backward(
     vdn_samples: int,
     eps: float,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dgamma, dbeta)`` of :func:`fused_bn_forward` (dgamma, dbeta in float32).
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dgamma, dbeta, dresidual)`` of :func:`fused_bn_forward` (dgamma, dbeta float32).
 
-    With ``relu`` the ReLU mask is recomputed from ``x`` (``bias`` is needed for that).
+    With ``relu`` the ReLU mask is recomputed from ``x`` (and ``residual``; ``bias`` is needed
+    for that); ``dresidual`` is empty without a residual.
     """
     return _backward_impl(
         dy, x, mean, var, weight, bias, offsets,
-        method, ratio, groups, sampling, vdn_samples, eps, relu,
+        method, ratio, groups, sampling, vdn_samples, eps, relu, residual,
     )  # fmt: skip
 
 
@@ -597,31 +611,38 @@ def _backward_fake(
     vdn_samples: int,
     eps: float,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
     dx = _empty(tuple(x.shape), cl, x.dtype, x.device)
-    return dx, x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+    dz = _empty(tuple(x.shape), cl, residual.dtype, x.device) if residual is not None else None
+    if dz is None:
+        dz = x.new_empty(0)
+    stats = [x.new_empty((C,), dtype=torch.float32) for _ in range(2)]
+    return dx, stats[0], stats[1], dz
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     x, weight, bias, _rm, _rv, offsets, _m, _mt, method, ratio, groups, sampling, vdn, eps = inputs[
         :14
     ]
-    relu = inputs[14]
+    relu, residual = inputs[14], inputs[15]
     _, mean, var, new_rm, new_rv = output
-    ctx.save_for_backward(x, weight, bias, offsets, mean, var)
+    ctx.save_for_backward(x, weight, bias, offsets, mean, var, residual)
     ctx.config = (method, ratio, groups, sampling, vdn, eps, relu)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, var, new_rm, new_rv)
 
 
 def _backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Any, ...]:
-    x, weight, bias, offsets, mean, var = ctx.saved_tensors
-    dx, dg, db = fused_bn_backward(dy, x, mean, var, weight, bias, offsets, *ctx.config)
+    x, weight, bias, offsets, mean, var, residual = ctx.saved_tensors
+    dx, dg, db, dz = fused_bn_backward(
+        dy, x, mean, var, weight, bias, offsets, *ctx.config, residual
+    )
     dw = dg.to(weight.dtype) if weight is not None else None
     dbias = db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None
-    return (dx, dw, dbias) + (None,) * 12
+    return (dx, dw, dbias) + (None,) * 12 + (dz if residual is not None else None,)
 
 
 fused_bn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -642,11 +663,13 @@ def fused_sampled_batch_norm(
     *,
     config: SamplingConfig | dict[str, Any] | str | None = None,
     relu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """:func:`bnrewrite.sampled_batch_norm` through the fused kernels when they apply.
 
     ``relu=True`` returns ``relu(batch_norm(...))`` with the ReLU fused into the kernels (no extra
-    pass forward or backward).
+    pass forward or backward); ``residual`` (with ``relu=True``) returns
+    ``relu(batch_norm(...) + residual)`` (one more read forward, one write of its gradient).
 
     Same contract. Runs the Triton kernels for CUDA inputs (and CPU inputs under
     ``TRITON_INTERPRET=1``, see :func:`can_use_kernels`), else the pure-torch estimator. Offsets are
@@ -654,13 +677,19 @@ def fused_sampled_batch_norm(
     RNG state (or seed) gives the same sample set.
     """
     cfg = SamplingConfig.coerce(config)
+    if residual is not None and not relu:
+        raise ValueError("residual= is the residual-add + ReLU epilogue: pass relu=True too")
     use = training and can_use_kernels(input, cfg)
+    if use and residual is not None:
+        use = residual.shape == input.shape and residual.dtype == input.dtype
     plan = sample_plan(tuple(input.shape), cfg) if use else None
     n = plan.count() if plan is not None else 0
     if plan is None or (isinstance(n, int) and n <= 1):  # the estimator raises its error
         y = sampled_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, config=cfg
         )
+        if residual is not None:
+            y = y + residual
         return torch.relu(y) if relu else y
     offsets = draw_offsets(plan, input.device, cfg.seed)
     # both running statistics: computed by the finalize kernel and copied back (2 launches
@@ -685,6 +714,7 @@ def fused_sampled_batch_norm(
         int(cfg.vdn_samples),
         float(eps),
         bool(relu),
+        residual,
     )
     if in_kernel:
         with torch.no_grad():

@@ -27,7 +27,8 @@ Kernels:
   tiles with Chan's formula (numerically stable, deterministic: no atomics).
 * ``finalize_stats_kernel`` -- merges the partials into mean, biased variance, ``scale = w*rstd``.
 * ``normalize_kernel``     -- ``y = (x - mean) * scale + b`` over the whole tensor (2 passes),
-  optionally ``relu(y)`` (the backward kernels then recompute the ReLU mask from ``x``).
+  optionally ``relu(y)`` or ``relu(y + z)`` (the backward kernels then recompute the ReLU mask
+  from ``x`` (and ``z``), and the main pass writes ``dz``).
 * ``bwd_main_kernel``      -- ``dx = scale * dy`` over the whole tensor, and per-program partials of
   ``dbeta = sum dy`` and ``dgamma = sum dy * xhat`` (3 passes).
 * ``reduce_partials_kernel`` -- sums those partials.
@@ -420,12 +421,14 @@ def normalize_kernel(
     mean_ptr,
     scale_ptr,
     b_ptr,
+    z_ptr,
     C,
     L,
     LB,
     n_tiles,
     CL: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_Z: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -438,6 +441,8 @@ def normalize_kernel(
     base, offs, mask = _tile(pid, c, C, L, LB, n_tiles, CL, BLOCK_L)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     y = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+    if HAS_Z:  # residual epilogue: relu(bn(x) + z)
+        y = y + tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.maximum(y, 0.0)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -452,6 +457,8 @@ def bwd_main_kernel(
     var_ptr,
     w_ptr,
     b_ptr,
+    z_ptr,
+    dz_ptr,
     pdb_ptr,
     pdg_ptr,
     C,
@@ -463,6 +470,7 @@ def bwd_main_kernel(
     CL: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_Z: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -481,7 +489,11 @@ def bwd_main_kernel(
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:  # gradient at the BN output: recompute the ReLU mask from x (no extra pass)
             pre = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+            if HAS_Z:
+                pre = pre + tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.where(pre > 0, dy, 0.0)
+            if HAS_Z:  # the residual's gradient is the masked dy
+                tl.store(dz_ptr + base + offs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + base + offs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
         acc_db += dy
         acc_dg += dy * (x - mean[None, :])  # dy is 0 outside the mask
@@ -524,6 +536,7 @@ def bwd_fixup_kernel(
     var_ptr,
     w_ptr,
     b_ptr,
+    z_ptr,
     db_ptr,
     dg_ptr,
     inv_n,
@@ -553,6 +566,7 @@ def bwd_fixup_kernel(
     UNIFORM: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_Z: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -577,6 +591,8 @@ def bwd_fixup_kernel(
         xhat = (x - mean[None, :]) * rstd[None, :]
         if RELU:
             pre = _pre_activation(x, mean, scale, b_ptr, c, c_mask, HAS_B)
+            if HAS_Z:
+                pre = pre + tl.load(z_ptr + addr, mask=mask, other=0.0).to(tl.float32)
             dy = tl.where(pre > 0, dy, 0.0)
         dx = scale[None, :] * (dy - (db[None, :] + xhat * dg[None, :]) * inv_n)
         tl.store(dx_ptr + addr, dx.to(dx_ptr.dtype.element_ty), mask=mask)
