@@ -73,7 +73,7 @@ def compile_one(fn: Any, dtype: str, constexprs: dict[str, Any], num_warps: int)
         {
             k_: v
             for k_, v in constexprs.items()
-            if k_ in ("CL", "UNIFORM", "RELU", "BLOCK_L", "BLOCK_C", "BLOCK_S")
+            if k_ in ("CL", "UNIFORM", "RELU", "HAS_Z", "BLOCK_L", "BLOCK_C", "BLOCK_S")
         }
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -102,8 +102,10 @@ def configs(quick: bool) -> list[tuple[Any, str, dict[str, Any], int]]:
         for cl in (True, False) if not quick else (True,):
             bl, bc = (32, 128) if cl else (256, 16)
             nw = 8
-            for relu in (False, True):
-                dense = dict(CL=cl, HAS_B=True, RELU=relu, BLOCK_L=bl, BLOCK_C=bc)
+            for relu, has_z in ((False, False), (True, False), (True, True)):
+                # with a residual the backward uses half-size tiles (bnrewrite.kernels.ops)
+                zbl = bl // 2 if has_z else bl
+                dense = dict(CL=cl, HAS_B=True, HAS_Z=has_z, RELU=relu, BLOCK_L=zbl, BLOCK_C=bc)
                 out.append((tk.normalize_kernel, dt, dense, nw))
                 out.append((tk.bwd_main_kernel, dt, dict(dense, HAS_W=True), nw))
             for offs, uniform in (
@@ -125,6 +127,7 @@ def configs(quick: bool) -> list[tuple[Any, str, dict[str, Any], int]]:
                             ce,
                             HAS_W=True,
                             HAS_B=True,
+                            HAS_Z=uniform,
                             RELU=uniform,
                             BLOCK_S=2048 // sbc,
                             BLOCK_C=sbc,
@@ -153,7 +156,7 @@ def main(argv: list[str]) -> int:
         bad += spill
         print(
             f"{'SPILL' if spill else 'ok   '} {r['kernel']:<24} {dt:<5} "
-            f"{ {k: v for k, v in r.items() if k in ('CL', 'UNIFORM', 'RELU', 'BLOCK_L', 'BLOCK_C', 'BLOCK_S')} } "
+            f"{ {k: v for k, v in r.items() if k in ('CL', 'UNIFORM', 'RELU', 'HAS_Z', 'BLOCK_L', 'BLOCK_C', 'BLOCK_S')} } "
             f"regs {r['regs']} stack {r['stack']} LDG {r['ldg']} (128-bit {r['ldg128']}) "
             f"STG.128 {r['stg128']} [{r['s']:.1f} s]",
             flush=True,

@@ -8,6 +8,7 @@ buffers, ``state_dict`` and running-statistics bookkeeping) whose training forwa
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ class _FusedMixin:
     #: set by :func:`fuse_relu` on the twin that replaces a ``BN -> ReLU`` pair
     fuse_relu: bool = False
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - PyTorch's name
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # noqa: A002
         self._check_input_dim(input)  # type: ignore[attr-defined]
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
         if self.training and self.track_running_stats:  # type: ignore[attr-defined]
@@ -61,6 +62,7 @@ class _FusedMixin:
             self.eps,  # type: ignore[attr-defined]
             config=self.config,
             relu=self.fuse_relu,
+            residual=residual,
         )
 
 
@@ -120,14 +122,34 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def fuse_relu(model: nn.Module) -> fx.GraphModule:
-    """A ``GraphModule`` of ``model`` with each fused sampled BN that feeds only a ReLU fused to it.
+def _residual_add(node: fx.Node, bn_node: fx.Node) -> fx.Node | None:
+    """The other operand if ``node`` is ``bn_node + z`` (or ``z + bn_node``), else ``None``."""
+    is_add = (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target == "add"
+    )
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if a is bn_node and isinstance(b, fx.Node) and b is not bn_node:
+        return b
+    if b is bn_node and isinstance(a, fx.Node) and a is not bn_node:
+        return a
+    return None
 
-    ``model`` must already hold fused sampled BN layers (:func:`convert_fused_`). Each pattern
-    ``bn(x) -> relu`` (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``), where the BN output
-    has no other user and the BN module is called once, becomes one call of a twin of that BN
-    (sharing its parameters and buffers) with ``fuse_relu=True``: the ReLU runs in the kernels'
-    epilogue, and its backward costs no extra pass. ``model`` itself is not modified.
+
+def fuse_relu(model: nn.Module) -> fx.GraphModule:
+    """A ``GraphModule`` of ``model`` with BN -> ReLU (and BN + z -> ReLU) fused into one op.
+
+    ``model`` must already hold fused sampled BN layers (:func:`convert_fused_`). Patterns, where
+    each intermediate has a single user and the BN module is called once:
+
+    * ``relu(bn(x))`` (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``);
+    * ``relu(bn(x) + z)`` (``+``, ``torch.add``, ``.add``; the residual block's tail).
+
+    Each becomes one call of a twin of that BN (sharing its parameters and buffers) with
+    ``fuse_relu=True`` (and ``z`` as ``residual``), placed where the ReLU was: the epilogue runs
+    in the kernels and its backward costs no extra pass (``dz`` is written by the main pass).
+    ``model`` itself is not modified; call ``.train()``/``.eval()`` on the returned module.
     """
     gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
     calls: dict[str, int] = {}
@@ -142,14 +164,28 @@ def fuse_relu(model: nn.Module) -> fx.GraphModule:
         if not isinstance(bn, _FusedMixin) or len(node.users) != 1:
             continue
         (user,) = node.users
+        residual = None
         if not _is_relu(gm, user):
-            continue
+            residual = _residual_add(user, node)
+            if residual is None or len(user.users) != 1:
+                continue
+            add, (user,) = user, user.users
+            if not _is_relu(gm, user):
+                continue
         twin = copy.copy(bn)  # shares _parameters / _buffers with the original
         twin.fuse_relu = True
         parent, _, name = str(node.target).rpartition(".")
         gm.get_submodule(parent).register_module(name, twin)
-        user.replace_all_uses_with(node)
-        gm.graph.erase_node(user)
+        if residual is None:
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+        else:  # the residual may be computed after the BN: call the twin where the ReLU was
+            with gm.graph.inserting_before(user):
+                new = gm.graph.call_module(str(node.target), (node.args[0], residual))
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+            gm.graph.erase_node(add)
+            gm.graph.erase_node(node)
         fused += 1
     gm.graph.lint()
     gm.recompile()
