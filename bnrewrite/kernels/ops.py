@@ -3,11 +3,13 @@
 Ops (namespace ``bnrewrite``, prefix ``fused_bn_`` -- distinct from the graph-level
 ``bnrewrite::sampled_batch_norm`` of the FX pass):
 
-* ``bnrewrite::fused_bn_forward(x, weight, bias, offsets, method, ratio, groups, sampling,
-  vdn_samples, eps) -> (y, mean, var)``: sampled statistics (fp32, biased) and the normalised
-  output over the whole tensor, in ``x``'s layout.
-* ``bnrewrite::fused_bn_backward(dy, x, mean, var, weight, offsets, <same config>, eps)
-  -> (dx, dgamma, dbeta)``.
+* ``bnrewrite::fused_bn_forward(x, weight?, bias?, running_mean?, running_var?, offsets?,
+  momentum, momentum_t?, method, ratio, groups, sampling, vdn_samples, eps, relu, residual?)
+  -> (y, mean, var, new_running_mean, new_running_var)``: sampled statistics (fp32, biased), the
+  normalised output over the whole tensor in ``x``'s layout (optionally ``relu(y)`` or
+  ``relu(y + residual)``), and the updated running statistics (functional; empty without them).
+* ``bnrewrite::fused_bn_backward(dy, x, mean, var, weight?, bias?, offsets?, <same config>, eps,
+  relu, residual?) -> (dx, dgamma, dbeta, dresidual)``.
 
 Both carry fake (meta) implementations, so ``torch.compile`` traces them as opaque nodes, and the
 forward has ``register_autograd`` with the backward op. The sample set is rebuilt inside the op
@@ -30,9 +32,10 @@ elements of the channel):
 
 so one pass over everything writes ``s * dy`` and reduces ``dbeta``, ``dgamma``; a fix-up over the
 sample (``n`` elements per channel) rewrites ``dx_a = s * (dy_a - (dbeta + xhat_a * dgamma) / n)``.
-With ``A`` = everything this is PyTorch's BatchNorm backward. The ``mean``/``var`` outputs feed the
-running statistics only (under ``no_grad``); gradients flowing into them are not supported and are
-ignored (they are marked non-differentiable).
+With ``A`` = everything this is PyTorch's BatchNorm backward. With the ReLU epilogue
+``out = relu(y [+ z])``, ``dy`` above is replaced by ``g = dout * [y (+ z) > 0]`` (mask recomputed
+from ``x`` and ``z``), and ``dz = g``. The ``mean``/``var``/running-statistics outputs are marked
+non-differentiable (they feed the running statistics only).
 """
 
 from __future__ import annotations
