@@ -117,9 +117,16 @@ def test_diagnose_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_diagnose_on_a_local_cifar10_copy(tmp_path):
-    from test_demo import _fake_cifar
+    import pickle
 
-    _fake_cifar(tmp_path)
+    import numpy as np
+
+    from bnrewrite.datasets import CIFAR10_FILES
+
+    rng = np.random.default_rng(0)
+    for name in CIFAR10_FILES:
+        batch = {b"data": rng.integers(0, 256, (20, 3072), np.uint8), b"labels": [0, 1] * 10}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
     out = tmp_path / "diag"
     argv = ["diagnose", "--quick", "--data-dir", str(tmp_path), "--draws", "2", "--out", str(out)]
     assert main(argv) == 0
