@@ -72,7 +72,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) 
     out = subprocess.run(
         cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=timeout
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if "Error" in line]
+    assert out.returncode == 0, "\n".join(errors[-10:]) or out.stderr[-3000:]
     return out.stdout
 
 

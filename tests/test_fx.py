@@ -32,6 +32,7 @@ from tests.zoo import (
     SmallResNet,
     ZooEntry,
     assert_close_results,
+    reference_batch_norm,
     reference_model,
     run_steps,
     zoo_entry,
@@ -293,7 +294,34 @@ def test_unsupported_forms_declined() -> None:
     assert len(sites) == 1 and "saved statistics" in sites[0].reason
 
 
+def test_torch_batch_norm_form() -> None:
+    """``torch.batch_norm`` (aten argument order) in a Python-level graph."""
+
+    class TorchBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bn = self.bn
+            return torch.batch_norm(
+                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, 0.1, 1e-5, False
+            )
+
+    model = TorchBN()
+    gm, report = bnrewrite.rewrite(model, FIXED["bs"], return_report=True)
+    assert report.rewritten == [("bn", "bs")]
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    bn = model.bn
+    want = reference_batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.1, 1e-5, "bs", 0.5)
+    torch.testing.assert_close(gm(x), want)
+    torch.testing.assert_close(gm.bn.running_var, rv)
+    assert torch.equal(model.bn.running_var, torch.ones(4, dtype=torch.float64))
+
+
 # -- 5: training loop -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bs", "fs"])
 def test_small_resnet_trains(method: str) -> None:
     torch.manual_seed(0)
