@@ -80,6 +80,34 @@ def to_markdown(data: dict[str, Any]) -> str:
                 f"| {name} | {v['step_ms']:.2f} | {_fmt(sp, 3)}× | {v.get('first_step_s', '')} |"
             )
         lines.append("")
+    bd = [b for b in data.get("breakdown") or [] if "error" not in b]
+    if bd:
+        lines.append(
+            "Kernels, forward and backward apart (ms; roofline at (2+f) and (3+3f) passes):"
+        )
+        lines.append("")
+        lines.append("| shape | method | forward | roofline | backward | roofline | offsets |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for b in bd:
+            lines.append(
+                f"| {'×'.join(map(str, b['shape']))} | {b['method']} | {_fmt(_t(b['forward']))} | "
+                f"{_fmt(b['roofline_fwd_ms'])} | {_fmt(_t(b['backward']))} | "
+                f"{_fmt(b['roofline_bwd_ms'])} | {_fmt(_t(b['draw_offsets']))} |"
+            )
+        lines.append("")
+    tune = [t for t in data.get("tuning") or [] if _t(t)]
+    if tune:
+        lines.append("Tuning (kernels, first method; ms):")
+        lines.append("")
+        lines.append("| shape | config | ms |")
+        lines.append("| --- | --- | --- |")
+        for t in tune:
+            shape = "×".join(map(str, t["shape"]))
+            lines.append(f"| {shape} | {t['config'] or 'default'} | {_fmt(_t(t))} |")
+        lines.append("")
+    if data.get("errors"):
+        lines.append("Errors: " + "; ".join(data["errors"]) + ".")
+        lines.append("")
     targets = data.get("targets") or {}
     if targets:
         met = [k for k, v in targets.items() if all(v.values())]

@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections",
         default=None,
-        help="comma list of checks,layers,e2e,compile,e2e-extra,tune (default: all, in order)",
+        help="comma list of checks,layers,e2e,breakdown,compile,e2e-extra,tune (default: all)",
     )
     p.add_argument(
         "--e2e-variants",
@@ -635,6 +635,69 @@ def _e2e_run(
 
 
 # ----------------------------------------------------------------------------------------------
+# breakdown (GPU): forward op, backward op and the offset draw, timed apart
+# ----------------------------------------------------------------------------------------------
+_CUDA = "cuda"
+
+
+def _breakdown(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+    """Per-op times (GPU) of the first shapes: where a layer's time goes, against its roofline."""
+    if ctx["device"] != "cuda" or not ctx["kernels"] or ctx["small"]:
+        return
+    import torch
+
+    from .config import SamplingConfig
+    from .estimators import draw_offsets
+    from .kernels import fused_bn_backward, fused_bn_forward
+    from .plan import sample_plan
+
+    out: list[dict[str, Any]] = []
+    result["breakdown"] = out
+    shapes = [(ctx["batch"], *s) for s in ANCHOR_SHAPES]
+    for shape in shapes:
+        for label, method, ratio in _parse_methods(args.methods):
+            if budget.left() < 10:
+                result["skipped"].append(f"breakdown {shape} {label}: budget")
+                return
+            entry: dict[str, Any] = {"shape": list(shape), "method": label}
+            try:
+                cfg = SamplingConfig(method=method, ratio=ratio)
+                plan = sample_plan(shape, cfg)
+                C = shape[1]
+                x = torch.randn(shape, device="cuda", dtype=ctx["dtype"])
+                x = x.to(memory_format=torch.channels_last)
+                dy = torch.randn_like(x)
+                w, b = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
+                rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+                off = draw_offsets(plan, x.device)
+                conf = (method, float(ratio), int(cfg.groups), cfg.sampling, int(cfg.vdn_samples))
+                fwd_args = (x, w, b, rm, rv, off, 0.1, None, *conf, 1e-5, False, None)
+                _, mean, var, _, _ = fused_bn_forward(*fwd_args)
+                bwd_args = (dy, x, mean, var, w, b, off, *conf, 1e-5, False, None)
+                entry["forward"] = _time(lambda a=fwd_args: fused_bn_forward(*a), "cuda")
+                entry["backward"] = _time(lambda a=bwd_args: fused_bn_backward(*a), "cuda")
+                entry["draw_offsets"] = _time(lambda p=plan: draw_offsets(p, _CUDA), "cuda")
+                numel = math.prod(shape)
+                item = torch.empty((), dtype=ctx["dtype"]).element_size()
+                f = plan.count() / (numel // C)
+                entry["sample_fraction"] = f
+                entry["roofline_fwd_ms"] = roofline_ms(numel, item, 2 + f)
+                entry["roofline_bwd_ms"] = roofline_ms(numel, item, 3 + 3 * f)
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(entry)
+            _free()
+            if "error" not in entry:
+                fw, bw = _best(entry["forward"]), _best(entry["backward"])
+                print(
+                    f"  breakdown {'x'.join(map(str, shape))} {label}: forward {fw:.3f} ms "
+                    f"(roofline {entry['roofline_fwd_ms']:.3f}), backward {bw:.3f} ms (roofline "
+                    f"{entry['roofline_bwd_ms']:.3f}), offsets {_best(entry['draw_offsets']):.3f}",
+                    flush=True,
+                )
+
+
+# ----------------------------------------------------------------------------------------------
 # tuning pass (GPU, last, budget permitting): block shapes of the whole-tensor kernels
 # ----------------------------------------------------------------------------------------------
 TUNE_CONFIGS: list[dict[str, Any]] = [
@@ -703,7 +766,7 @@ def _bandwidth(device: str) -> float | None:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-SECTIONS = ("checks", "layers", "e2e", "compile", "e2e-extra", "tune")
+SECTIONS = ("checks", "layers", "e2e", "breakdown", "compile", "e2e-extra", "tune")
 
 
 def _sections(args: argparse.Namespace) -> set[str]:
@@ -833,6 +896,8 @@ def run(args: argparse.Namespace) -> int:
         phases.append(("layers", lambda: _layer_table(args, ctx, budget, result, "base")))
     if "e2e" in sections:
         phases.append(("e2e core", lambda: _e2e(args, ctx, budget, result, "core")))
+    if "breakdown" in sections:
+        phases.append(("breakdown", lambda: _breakdown(args, ctx, budget, result)))
     if "compile" in sections:
         phases.append(
             ("layers compile", lambda: _layer_table(args, ctx, budget, result, "compile"))
