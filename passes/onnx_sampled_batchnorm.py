@@ -75,6 +75,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Methods the ONNX rule refuses: VDN needs virtual rows carried through the whole network.
+#: Methods the per-node rule cannot apply alone (whole-graph: bnrewrite.passes.onnx_vdn).
 ONNX_UNSUPPORTED_METHODS = ("vdn", "fs_vdn")
 
 _GOLDEN = 0.6180339887498949  # rotation of the i-th unseeded layer's uniforms: frac(i * phi)

@@ -432,6 +432,7 @@ def _rewrite(state: _Onnx, outputs: list[str]) -> None:
                 attrs["seed"] = float((cfg.seed + i) % (1 << 24))
             virt = b.op("RandomNormal", [], **attrs)
         joined = b.op("Concat", [name, virt], axis=0)
+        state.shapes[joined] = (elem, [n + v, *dims[1:]])  # a BN may read the input directly
         renames[name] = joined
     head, b.nodes = b.nodes, []
     for node in graph.node:

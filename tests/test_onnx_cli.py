@@ -180,7 +180,7 @@ BAD = {
 #: More bad inputs, run in-process through ``bnrewrite.cli.main`` (same code path, no start-up).
 MORE_BAD = {
     "unparsable ratio": (_training, ["--method", "fs", "--ratio", "1/x"], "ratio must be"),
-    "vdn": (_training, ["--method", "vdn"], "not supported by the ONNX rewrite"),
+    "fs_vdn random": (_training, ["--method", "fs_vdn"], "use sampling='fixed' or method='vdn'"),
     "no method": (_training, [], "--method is required"),
     "no BN at all": (
         lambda p: onnx.save_model(
@@ -256,3 +256,16 @@ def test_cli_errors_in_process(case: str, tmp_path, capsys) -> None:
     assert len(lines) == 1 and message in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_cli_vdn_rewrites_the_whole_graph(tmp_path, capsys) -> None:
+    from bnrewrite.cli import main
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    _training(src)
+    assert main(["onnx", str(src), str(dst), "--method", "vdn", "--sampling", "fixed"]) == 0
+    assert "rewrote 1 BatchNormalization node(s), skipped 0" in capsys.readouterr().out
+    out = onnx.load(str(dst))
+    onnx.checker.check_model(out, full_check=True)
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    assert any(n.op_type == "Concat" for n in out.graph.node)  # virtual rows appended

@@ -150,10 +150,26 @@ def test_export_failure_leaves_no_file(tmp_path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_export_rejects_vdn_before_exporting(tmp_path) -> None:
-    with pytest.raises(ValueError, match="not supported by the ONNX rewrite"):
-        bo.export(mlp(), torch.randn(4, 10), tmp_path / "o.onnx", config="vdn")
+def test_export_refused_vdn_leaves_no_file(tmp_path) -> None:
+    class Mixing(torch.nn.Module):  # a reduction over the batch: VDN cannot be applied
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(10)
+
+        def forward(self, x):
+            return self.bn(x) - x.mean(0, keepdim=True)
+
+    with pytest.raises(ValueError, match="ReduceMean"):
+        bo.export(Mixing(), torch.randn(4, 10), tmp_path / "o.onnx", config="vdn")
     assert os.listdir(tmp_path) == []
+
+
+def test_export_with_vdn_counts_the_rewritten_nodes(tmp_path) -> None:
+    proto = bo.export(mlp(), torch.randn(8, 10), tmp_path / "o.onnx")
+    out, report = bo.rewrite_with_report(proto, SamplingConfig(method="vdn", vdn_samples=4))
+    assert len(report.rewritten) == sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    onnx.checker.check_model(out, full_check=True)
 
 
 LEVELS = [

@@ -112,11 +112,13 @@ def test_too_small_sample_and_old_opset_random_are_skipped() -> None:
     assert "GatherElements" in report.skipped[0][1]
 
 
-@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
-def test_vdn_is_refused(method: str) -> None:
+def test_vdn_goes_through_the_whole_graph_pass() -> None:
     model, _ = make_bn_model((4, 3, 5, 5))
-    with pytest.raises(ValueError, match="not supported by the ONNX rewrite"):
-        bo.rewrite(model, method)
+    out, report = bo.rewrite_with_report(model, SamplingConfig(method="vdn"))
+    assert len(report.rewritten) == 1 and not report.skipped
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    with pytest.raises(ValueError, match="sampling='fixed'"):
+        bo.rewrite(model, "fs_vdn")  # random fs_vdn: refused with what to use instead
 
 
 def test_ir_model_in_ir_model_out() -> None:

@@ -30,7 +30,6 @@ from onnx_ir.passes import common as ir_common
 
 from ..config import SamplingConfig
 from ..passes.onnx_sampled_batchnorm import (
-    ONNX_UNSUPPORTED_METHODS,
     RewriteReport,
     sampled_batchnorm_rules,
 )
@@ -54,14 +53,29 @@ ModelT = TypeVar("ModelT", onnx.ModelProto, ir.Model)
 
 
 def _coerce_config(config: Any) -> SamplingConfig:
-    cfg = SamplingConfig.coerce(config)
-    if cfg.method in ONNX_UNSUPPORTED_METHODS:
-        raise ValueError(
-            f"method {cfg.method!r} is not supported by the ONNX rewrite: virtual rows must be "
-            f"carried through the whole network, which only the torch pass (bnrewrite.rewrite) "
-            f"does; use 'bs' or 'fs' for ONNX"
-        )
-    return cfg
+    return SamplingConfig.coerce(config)
+
+
+def _batchnorm_names(proto: onnx.ModelProto) -> list[str]:
+    return [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
+
+
+def _rewrite_vdn(
+    proto: onnx.ModelProto, cfg: SamplingConfig
+) -> tuple[onnx.ModelProto, RewriteReport]:
+    """VDN / FS+VDN: a whole-graph rewrite (:mod:`bnrewrite.passes.onnx_vdn`); BN counted by name."""
+    from ..passes.onnx_vdn import rewrite_vdn_onnx
+
+    out = rewrite_vdn_onnx(onnx.shape_inference.infer_shapes(proto), cfg)
+    left = set(_batchnorm_names(out))
+    report = RewriteReport()
+    for name in _batchnorm_names(proto):
+        if name in left:
+            report.skipped.append((name, "inference mode (training_mode=0)"))
+        else:
+            report.rewritten.append(name)
+    logger.info("bnrewrite.onnx (%s): %s", cfg.method, report.summary())
+    return out, report
 
 
 def _has_batchnorm(function: ir.Function) -> bool:
@@ -89,6 +103,14 @@ def rewrite_with_report(
 ) -> tuple[ModelT, RewriteReport]:
     """``rewrite`` that also returns the report (rewritten node names, skipped nodes and why)."""
     cfg = _coerce_config(config)
+    if (
+        cfg.uses_virtual_rows
+    ):  # whole-graph rewrite on the proto; an ir.Model comes back as a new one
+        if isinstance(model, ir.Model):
+            out, report = _rewrite_vdn(ir.serde.serialize_model(model), cfg)
+            return ir.serde.deserialize_model(out), report
+        if isinstance(model, onnx.ModelProto):
+            return _rewrite_vdn(model, cfg)
     if isinstance(model, onnx.ModelProto):
         model_ir = ir.serde.deserialize_model(model)
         report = _rewrite_ir(model_ir, cfg)
