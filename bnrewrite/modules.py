@@ -37,7 +37,10 @@ class SampledBatchNormMixin:
 
     config: SamplingConfig
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - PyTorch's name
+    def batch_norm_arguments(self, input: Tensor) -> tuple[Any, ...]:  # noqa: A002
+        """PyTorch's ``_BatchNorm.forward`` bookkeeping: bumps ``num_batches_tracked`` and returns
+        the positional arguments of ``F.batch_norm`` (``input, running_mean, running_var, weight,
+        bias, training, momentum, eps``). Lowerings (the fused kernels) reuse it."""
         self._check_input_dim(input)  # type: ignore[attr-defined]
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
         if self.training and self.track_running_stats:  # type: ignore[attr-defined]
@@ -48,7 +51,7 @@ class SampledBatchNormMixin:
                     momentum = 1.0 / nbt.to(torch.float32)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
         use_running = not self.training or self.track_running_stats  # type: ignore[attr-defined]
-        return sampled_batch_norm(
+        return (
             input,
             self.running_mean if use_running else None,  # type: ignore[attr-defined]
             self.running_var if use_running else None,  # type: ignore[attr-defined]
@@ -57,8 +60,10 @@ class SampledBatchNormMixin:
             bn_training,
             momentum,
             self.eps,  # type: ignore[attr-defined]
-            config=self.config,
         )
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - PyTorch's name
+        return sampled_batch_norm(*self.batch_norm_arguments(input), config=self.config)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]

@@ -41,25 +41,8 @@ class _FusedMixin:
     fuse_relu: bool = False
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # noqa: A002
-        self._check_input_dim(input)  # type: ignore[attr-defined]
-        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
-        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
-            nbt = self.num_batches_tracked  # type: ignore[attr-defined]
-            if nbt is not None:
-                nbt.add_(1)
-                if self.momentum is None:  # type: ignore[attr-defined]
-                    momentum = 1.0 / nbt.to(torch.float32)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
-        use_running = not self.training or self.track_running_stats  # type: ignore[attr-defined]
         return fused_sampled_batch_norm(
-            input,
-            self.running_mean if use_running else None,  # type: ignore[attr-defined]
-            self.running_var if use_running else None,  # type: ignore[attr-defined]
-            self.weight,  # type: ignore[attr-defined]
-            self.bias,  # type: ignore[attr-defined]
-            bn_training,
-            momentum,
-            self.eps,  # type: ignore[attr-defined]
+            *self.batch_norm_arguments(input),  # type: ignore[attr-defined]
             config=self.config,
             relu=self.fuse_relu,
             residual=residual,
