@@ -525,6 +525,7 @@ def rewrite(
     overrides: Mapping[str, Any] | None = None,
     return_report: bool = False,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    **vdn_options: Any,
 ) -> Any:
     """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram.
 
@@ -538,13 +539,29 @@ def rewrite(
     full). The report (:class:`RewriteReport`) is stored in ``result.meta["bnrewrite"]`` for
     GraphModules, in ``ep.graph_module.meta["bnrewrite"]`` for ExportedPrograms, logged on the
     ``bnrewrite`` logger and returned too with ``return_report=True``.
+
+    ``vdn`` / ``fs_vdn`` configs go to the whole-graph pass
+    (:func:`bnrewrite.passes.vdn.rewrite_vdn`), which also takes ``vdn_options``.
     """
     cfg = SamplingConfig.coerce(config)
     opts = {"include": include, "exclude": exclude, "overrides": overrides}
     if cfg.uses_virtual_rows:
+        # VDN carries virtual rows through the whole network: the whole-graph pass does it.
+        from .vdn import rewrite_vdn
+
+        return rewrite_vdn(
+            obj,
+            cfg,
+            inplace=inplace,
+            return_report=return_report,
+            tracer_kwargs=tracer_kwargs,
+            **opts,
+            **vdn_options,
+        )
+    if vdn_options:
         raise ValueError(
-            f"method {cfg.method!r} needs virtual rows carried through the whole network; "
-            "use the VDN pass (bnrewrite.passes.vdn) instead of the per-node rewrite"
+            f"options {sorted(vdn_options)} apply to method 'vdn' / 'fs_vdn' only, "
+            f"not to {cfg.method!r}"
         )
     export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
     if export_cls is not None and isinstance(obj, export_cls):

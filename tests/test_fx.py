@@ -278,8 +278,8 @@ def test_unsupported_forms_declined() -> None:
     gm, report = bnrewrite.rewrite(model, FIXED["bs"], return_report=True)
     assert report.count == 1
     assert report.skipped[0][0] == "1" and "SyncBatchNorm" in report.skipped[0][1]
-    with pytest.raises(ValueError, match="VDN"):
-        bnrewrite.rewrite(model, SamplingConfig("vdn"))
+    with pytest.raises(ValueError, match="apply to method 'vdn'"):
+        bnrewrite.rewrite(model, FIXED["bs"], batch_inputs=["x"])
     with pytest.raises(ValueError, match="nn.Module"):
         bnrewrite.rewrite(42, FIXED["bs"])
     # a joint forward/backward graph (saved statistics used by the backward) is declined
