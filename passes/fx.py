@@ -204,9 +204,10 @@ def _buffer_owner(arg: Any, gm: fx.GraphModule | None) -> str | None:
         if sig and arg.name in sig:
             owner, dot, _ = sig[arg.name].rpartition(".")
             return owner if dot else None
-        m = re.match(r"^L_[a-zA-Z0-9]+_(.*)_(?:buffers|parameters)_[a-z_]+_$", str(arg.target))
+        # Dynamo: L_self_modules_layer1_modules_0_modules_bn1_buffers_running_mean_
+        m = re.match(r"^L_[a-zA-Z0-9]+((?:_modules_.+?)+)_(?:buffers|parameters)_", str(arg.target))
         if m:
-            return m.group(1).replace("_modules_", ".").strip("_")
+            return m.group(1).replace("_modules_", ".").strip(".")
     return None
 
 

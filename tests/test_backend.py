@@ -374,3 +374,16 @@ def test_second_process_hits_caches(tmp_path: Path) -> None:
     assert first["autograd_cache_miss"] >= 1 and first["autograd_cache_bypass"] == 0
     assert second["autograd_cache_hit"] >= 1 and second["autograd_cache_bypass"] == 0
     assert second["fxgraph_cache_hit"] >= 1 or second["autograd_cache_hit"] >= 1
+
+
+def test_backend_names_filters_and_logging(caplog: pytest.LogCaptureFixture) -> None:
+    """Dynamo graphs name BN sites by module path (nn_module_stack); include/exclude apply."""
+    import logging
+
+    backend = make_backend(SamplingConfig("bs", ratio=0.5), inner="eager", exclude=["1"])
+    with caplog.at_level(logging.INFO, logger="bnrewrite"):
+        torch.compile(_tiny_net(), backend=backend)(torch.randn(8, 3, 6, 6))
+    (report,) = backend.reports
+    assert report.rewritten == [("4", "bs")]
+    assert report.skipped == [("1", "filtered by name")]
+    assert "rewrote 1 BatchNorm" in caplog.text
