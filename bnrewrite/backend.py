@@ -198,6 +198,7 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
         self.config = SamplingConfig.coerce(config)
         self.include, self.exclude, self.overrides = include, exclude, overrides
         self.last_report: Any = None
+        self.reports: list[Any] = []  # one per graph the pass ran on (none on a cache hit)
 
     def __call__(self, graph: fx.Graph) -> None:
         from .passes.fx import rewrite_graph
@@ -205,6 +206,7 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
         self.last_report = rewrite_graph(
             graph, self.config, include=self.include, exclude=self.exclude, overrides=self.overrides
         )
+        self.reports.append(self.last_report)
 
     def uuid(self) -> str:
         overrides = sorted(

@@ -328,7 +328,8 @@ def test_pre_grad_pass_matches_backend() -> None:
         via_pass = run_steps(compiled, entry.example_input)
     # the pass runs after Inductor's cache lookup ("late" timing, allowed by its uuid): on a warm
     # cache it does not run at all, so its report may be None; the numbers below show the rewrite
-    assert the_pass.last_report is None or the_pass.last_report.count == 3
+    # (the eval graph of run_steps is compiled too: its report rewrites nothing, "eval mode")
+    assert [r.count for r in the_pass.reports] in ([], [3], [3, 0])
     assert_close_results(via_pass, via_backend, atol=1e-6, rtol=1e-5)
     expected = run_steps(reference_model(model, "fs", cfg.ratio), entry.example_input)
     assert_close_results(via_pass, expected, atol=1e-6, rtol=1e-5)
