@@ -341,21 +341,24 @@ _CACHE_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from torch._dynamo.utils import counters
     sys.path.insert(0, {root!r})
+    from bnrewrite.backend import SampledBatchNormPass
     from tests.test_backend import _tiny_net
+    KEYS = [("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+            ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
+            ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass")]
+    def snapshot():
+        return {{k: counters[g][k] for g, k in KEYS}}
+    def step(compiled):
+        compiled(torch.randn(8, 3, 8, 8)).sum().backward()
     torch.manual_seed(0)
-    model = _tiny_net()
     opts = {{"method": "bs", "ratio": 0.25}}
-    compiled = torch.compile(model, backend="bnrewrite", options=opts)
-    out = compiled(torch.randn(8, 3, 8, 8))
-    out.sum().backward()
-    print(json.dumps({{
-        "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
-        "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
-        "fxgraph_cache_bypass": counters["inductor"]["fxgraph_cache_bypass"],
-        "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
-        "autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"],
-        "autograd_cache_bypass": counters["aot_autograd"]["autograd_cache_bypass"],
-    }}))
+    step(torch.compile(_tiny_net(), backend="bnrewrite", options=opts))
+    via_backend = snapshot()
+    counters.clear()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(pre_grad_custom_pass=SampledBatchNormPass(opts)):
+        step(torch.compile(_tiny_net(), backend="inductor"))
+    print(json.dumps({{"backend": via_backend, "pre_grad_pass": snapshot()}}))
     """
 )
 
@@ -372,9 +375,13 @@ def test_second_process_hits_caches(tmp_path: Path) -> None:
     first = json.loads(_run([sys.executable, str(script)], env).strip().splitlines()[-1])
     second = json.loads(_run([sys.executable, str(script)], env).strip().splitlines()[-1])
     print("cache counters, first process:", first, "second process:", second)
-    assert first["autograd_cache_miss"] >= 1 and first["autograd_cache_bypass"] == 0
-    assert second["autograd_cache_hit"] >= 1 and second["autograd_cache_bypass"] == 0
-    assert second["fxgraph_cache_hit"] >= 1 or second["autograd_cache_hit"] >= 1
+    for route in ("backend", "pre_grad_pass"):
+        assert first[route]["autograd_cache_bypass"] == 0, (route, first)
+        assert first[route]["fxgraph_cache_bypass"] == 0, (route, first)
+        assert second[route]["autograd_cache_hit"] >= 1, (route, second)
+        assert second[route]["autograd_cache_miss"] == 0, (route, second)
+        assert second[route]["fxgraph_cache_miss"] == 0, (route, second)
+    assert first["backend"]["autograd_cache_miss"] >= 1
 
 
 def test_backend_names_filters_and_logging(caplog: pytest.LogCaptureFixture) -> None:
