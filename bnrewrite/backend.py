@@ -21,7 +21,9 @@ Entry points:
   users who keep ``backend="inductor"``; its ``uuid()`` covers the config and the source of the
   math, so Inductor's caches stay valid.
 
-Eval-mode graphs (``training=False`` in every BN call) are compiled unchanged. A
+``vdn`` / ``fs_vdn`` configs run the whole-graph VDN pass (:mod:`bnrewrite.passes.vdn`) on the
+Dynamo graph instead of the per-node rewrite. Eval-mode graphs (``training=False`` in every BN
+call) are compiled unchanged. A
 ``BatchNorm(momentum=None)`` makes Dynamo graph-break on ``float(num_batches_tracked)``; the BN
 call then runs eagerly as PyTorch's BatchNorm (correct full-batch statistics, not sampled). Convert
 such layers with :func:`bnrewrite.convert_` first (``SampledBatchNormNd`` computes the cumulative
@@ -116,17 +118,18 @@ def make_backend(
         raise ValueError(f"inner must be one of {', '.join(map(repr, _INNER))}, got {inner!r}")
     if inner == "inductor":
         _mode_patches(mode)  # validate early
-    if cfg.uses_virtual_rows:
-        raise ValueError(
-            f"method {cfg.method!r} needs the VDN whole-graph pass; the backend supports "
-            "'full', 'ns', 'bs' and 'fs'"
-        )
 
     def bnrewrite_compile(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        from .passes.fx import rewrite_graph
+        filters = {"include": include, "exclude": exclude, "overrides": overrides}
+        if cfg.uses_virtual_rows:  # virtual rows travel through the whole graph
+            from .passes.vdn import rewrite_vdn
 
-        report = rewrite_graph(gm, cfg, include=include, exclude=exclude, overrides=overrides)
-        gm.meta["bnrewrite"] = report
+            gm, report = rewrite_vdn(gm, cfg, inplace=True, return_report=True, **filters)
+        else:
+            from .passes.fx import rewrite_graph
+
+            report = rewrite_graph(gm, cfg, **filters)
+            gm.meta["bnrewrite"] = report
         reports.append(report)
         return _compile_inner(gm, example_inputs, inner, mode)
 
@@ -196,6 +199,11 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = SamplingConfig.coerce(config)
+        if self.config.uses_virtual_rows:
+            raise ValueError(
+                f"method {self.config.method!r} changes the graph's batch size (virtual rows); "
+                "use torch.compile(model, backend='bnrewrite', options=...) for VDN"
+            )
         self.include, self.exclude, self.overrides = include, exclude, overrides
         self.last_report: Any = None
         self.reports: list[Any] = []  # one per graph the pass ran on (none on a cache hit)

@@ -311,6 +311,8 @@ def test_pass_uuid_stable() -> None:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     assert isinstance(a, CustomGraphPass)
+    with pytest.raises(ValueError, match="backend='bnrewrite'"):
+        SampledBatchNormPass(SamplingConfig("vdn"))
 
 
 @pytest.mark.slow
