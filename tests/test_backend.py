@@ -30,6 +30,15 @@ import pytest
 import torch
 import torch._dynamo
 from torch import nn
+from zoo import (
+    ZOO,
+    SmallResNet,
+    ZooEntry,
+    assert_close_results,
+    reference_model,
+    run_steps,
+    zoo_entry,
+)
 
 import bnrewrite
 from bnrewrite import SamplingConfig
@@ -38,15 +47,6 @@ from bnrewrite.backend import (
     bnrewrite_backend,
     make_backend,
     parse_options,
-)
-from tests.zoo import (
-    ZOO,
-    SmallResNet,
-    ZooEntry,
-    assert_close_results,
-    reference_model,
-    run_steps,
-    zoo_entry,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,9 +342,9 @@ _CACHE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from torch._dynamo.utils import counters
-    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {root!r} + "/tests")
     from bnrewrite.backend import SampledBatchNormPass
-    from tests.test_backend import _tiny_net
+    from test_backend import _tiny_net
     KEYS = [("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
             ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
             ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass")]

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch._dynamo
 from torch import nn
+from zoo import SmallResNet, zoo_entry
 
 import bnrewrite
 from bnrewrite import SamplingConfig
 from bnrewrite.backend import SampledBatchNormPass, make_backend
-from tests.zoo import SmallResNet, zoo_entry
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

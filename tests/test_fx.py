@@ -24,10 +24,7 @@ from bnrewrite.passes.fx import RewriteReport, find_batch_norm_nodes
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.shape_prop import ShapeProp
-
-import bnrewrite
-from bnrewrite import SamplingConfig
-from tests.zoo import (
+from zoo import (
     ZOO,
     SmallResNet,
     ZooEntry,
@@ -37,6 +34,9 @@ from tests.zoo import (
     run_steps,
     zoo_entry,
 )
+
+import bnrewrite
+from bnrewrite import SamplingConfig
 
 IDS = [e.name for e in ZOO]
 FIXED = {
