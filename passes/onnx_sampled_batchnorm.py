@@ -2,15 +2,24 @@
 
 A lowering of :func:`bnrewrite.estimators.sampled_batch_norm`; the sample set comes from
 :func:`bnrewrite.plan.sample_plan` (sizes, steps, groups), nothing is re-derived here. For
-``X`` of static shape ``(N, C, *S)``, the plan's sampled axes, ``n = plan.count()`` and the node's
-``epsilon`` and ``momentum`` (ONNX's convention: the weight of the *old* running value):
+``X`` of static shape ``(N, C, *S)``, the plan's sampled axes, ``N' = plan.real_rows``,
+``V = plan.virtual_rows`` (``N = N' + V``), ``n = plan.count()`` and the node's ``epsilon`` and
+``momentum`` (ONNX's convention: the weight of the *old* running value):
 
-    A        = sample of X                          (Slice / Gather / GatherElements, below)
-    mu       = ReduceMean(A, axes=[0, 2, ...])      (keepdims; float32 for float16/bfloat16 X)
-    var      = ReduceMean((A - mu)^2, same axes)    (biased, over the sample set only)
+    parts    = [sample of X[:N']]   if plan.include_real   (Slice / Gather / GatherElements, below)
+             + [X[N':N'+V]]         if V > 0               (Slice: every element of the virtual rows)
+    mu       = sum_p ReduceSum(p, axes=[0, 2, ...]) / n    (keepdims; float32 for float16/bfloat16 X)
+    var      = sum_p ReduceSum((p - mu)^2, same axes) / n  (biased, two-pass, over the sample set)
     Y        = (X - mu) * (Reciprocal(Sqrt(var + eps)) * scale) + B     (the *whole* tensor)
     rm_out   = input_mean * momentum + mu  * (1 - momentum)
     rv_out   = input_var  * momentum + var * (1 - momentum)
+
+the parts of :func:`bnrewrite.estimators.sample_parts` and the sums of ``sample_statistics``. Every
+method but ``vdn``/``fs_vdn`` has ``V = 0``: one part, the sample of ``X`` (no Slice of rows).
+``vdn``/``fs_vdn`` (``V = config.vdn_samples``) are accepted only with ``allow_virtual_rows=True``,
+which :mod:`bnrewrite.passes.onnx_vdn` passes after it has appended the virtual rows at the graph's
+inputs: the rule alone would treat the last ``V`` real rows as virtual. ``vdn`` has no real part
+(``plan.include_real`` is False); ``fs_vdn`` samples the real rows as ``fs`` does, fixed or random.
 
 Running statistics keep the semantics of the original node: ONNX's training ``BatchNormalization``
 (opset 14+, and the opset 9-13 five-output form) updates ``running_var`` with the **biased**
@@ -20,9 +29,9 @@ opset 9-13 outputs ``saved_mean`` and ``saved_var`` are ``mu`` and ``1 / sqrt(va
 spec calls the latter "saved variance" without a formula; onnxruntime (and torch's
 ``native_batch_norm``) return the inverse standard deviation there, and we keep that.
 
-Sample set (the estimator's ``gather_sample``):
+Sample of the real rows ``A = X[:N']`` (the estimator's ``gather_sample``):
 
-1. ``full``: ``A = X``.
+1. ``full``: ``A`` itself.
 2. ``fixed`` sampling: ``Slice`` each sampled axis to ``[0, count)``: the first ``k`` rows
    (``ns``/``bs``) or the top-left patch (``fs``).
 3. ``random`` sampling: ``U = RandomUniform(shape=[R, G, A], dtype=double, seed)``, offsets
@@ -48,7 +57,8 @@ Cases (``check`` declines, with a reason, everything else):
 2. opset 9-13 with more than one output (the training form), 2 to 5 outputs.
 3. Declined: inference BN (``training_mode=0`` / single output at opset 9-13), opset < 9 forms,
    input shape or dtype unknown or not static, sample sets of one element per channel, random
-   sampling at opset < 11 (no ``GatherElements``).
+   sampling at opset < 11 (no ``GatherElements``), fewer than ``V`` rows (virtual rows).
+4. ``ValueError`` when the rule is built: ``vdn``/``fs_vdn`` without ``allow_virtual_rows``.
 """
 
 from __future__ import annotations
@@ -74,8 +84,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Methods the ONNX rule refuses: VDN needs virtual rows carried through the whole network.
-#: Methods the per-node rule cannot apply alone (whole-graph: bnrewrite.passes.onnx_vdn).
+#: Methods the per-node rule applies only when asked by the whole-graph pass
+#: (:mod:`bnrewrite.passes.onnx_vdn`, ``allow_virtual_rows=True``): VDN needs virtual rows carried
+#: through the whole network.
 ONNX_UNSUPPORTED_METHODS = ("vdn", "fs_vdn")
 
 _GOLDEN = 0.6180339887498949  # rotation of the i-th unseeded layer's uniforms: frac(i * phi)
@@ -120,12 +131,6 @@ def _const(op: Any, array: Any, dtype: Any) -> ir.Value:
     return op.Constant(value=ir.tensor(np.asarray(array, dtype=dtype)))
 
 
-def _reduce_mean(op: Any, x: ir.Value, axes: Sequence[int], opset: int) -> ir.Value:
-    if opset >= 18:
-        return op.ReduceMean(x, _const(op, list(axes), np.int64), keepdims=1)
-    return op.ReduceMean(x, axes=list(axes), keepdims=1)
-
-
 def _slice(op: Any, x: ir.Value, axis: int, start: int, end: int, opset: int) -> ir.Value:
     if opset >= 10:
         return op.Slice(
@@ -137,6 +142,19 @@ def _slice(op: Any, x: ir.Value, axis: int, start: int, end: int, opset: int) ->
     return op.Slice(x, starts=[start], ends=[end], axes=[axis])
 
 
+def _reduce_sum(op: Any, x: ir.Value, axes: Sequence[int], opset: int) -> ir.Value:
+    if opset >= 13:
+        return op.ReduceSum(x, _const(op, list(axes), np.int64), keepdims=1)
+    return op.ReduceSum(x, axes=list(axes), keepdims=1)
+
+
+def _total(op: Any, terms: Sequence[ir.Value]) -> ir.Value:
+    total = terms[0]
+    for term in terms[1:]:
+        total = op.Add(total, term)
+    return total
+
+
 def _reshape(op: Any, x: ir.Value, shape: Sequence[int]) -> ir.Value:
     return op.Reshape(x, _const(op, list(shape), np.int64))
 
@@ -144,7 +162,9 @@ def _reshape(op: Any, x: ir.Value, shape: Sequence[int]) -> ir.Value:
 def _random_sample(
     op: Any, x: ir.Value, plan: SamplePlan, seed: float | None, index: int, opset: int
 ) -> ir.Value:
-    """Mirror of ``estimators.draw_offsets`` + ``gather_sample`` with in-graph random offsets."""
+    """Mirror of ``estimators.draw_offsets`` + ``gather_sample`` with in-graph random offsets.
+
+    ``x`` holds the real rows only (``plan.real_rows`` of them)."""
     rows, groups, n_axes = int(plan.offset_rows), int(plan.groups), len(plan.axes)
     channels = int(plan.shape[1])
     attrs: dict[str, Any] = {"dtype": int(ir.DataType.DOUBLE), "shape": [rows, groups, n_axes]}
@@ -159,6 +179,7 @@ def _random_sample(
     off = op.Min(off, _const(op, [s - 1 for s in sizes], np.float64))  # (Min on int64: opset 12+)
     off = op.Cast(off, to=int(ir.DataType.INT64))  # (R, G, A)
     shape = list(int(d) for d in plan.shape)
+    shape[0] = int(plan.real_rows)
     sample = x
     for i, ax in enumerate(plan.axes):
         count, size, step = int(ax.count), int(ax.size), int(ax.step)
@@ -210,8 +231,15 @@ class _NamedOps:
 class SampledBatchNormRule(RewriteRuleClassBase):
     """Training ``BatchNormalization`` with ``num_outputs`` outputs -> sampled statistics."""
 
-    def __init__(self, config: SamplingConfig, num_outputs: int, report: RewriteReport) -> None:
+    def __init__(
+        self,
+        config: SamplingConfig,
+        num_outputs: int,
+        report: RewriteReport,
+        allow_virtual_rows: bool = False,
+    ) -> None:
         super().__init__(name=f"SampledBatchNorm{num_outputs}", remove_nodes=True)
+        _check_method(config, allow_virtual_rows)
         self.config = config
         self.num_outputs = num_outputs
         self.report = report
@@ -249,7 +277,10 @@ class SampledBatchNormRule(RewriteRuleClassBase):
         shape = tuple(int(d) for d in x.shape)
         if len(shape) < 2:
             return self._decline(node, f"input shape {shape} has fewer than 2 dims")
-        plan = sample_plan(shape, self.config)
+        try:
+            plan = sample_plan(shape, self.config)
+        except ValueError as exc:  # vdn/fs_vdn: fewer rows than virtual rows
+            return self._decline(node, str(exc))
         if plan.count() <= 1:
             return self._decline(
                 node, f"sample set has {plan.count()} element per channel; use a larger ratio"
@@ -289,18 +320,31 @@ class SampledBatchNormRule(RewriteRuleClassBase):
 
         op = _NamedOps(op, f"{node.name or 'BatchNormalization'}/bnrewrite{index}")
         xa = x if acc == x.dtype else op.Cast(x, to=int(acc))
-        if plan.random:
-            seed = None
-            if self.config.seed is not None:
-                seed = float((self.config.seed + 7919 * index) % (1 << 24))
-            sample = _random_sample(op, xa, plan, seed, index, opset)
-        else:
-            sample = xa
-            for ax in plan.axes:
-                sample = _slice(op, sample, ax.axis, 0, int(ax.count), opset)
-        mu = _reduce_mean(op, sample, axes, opset)
-        centered = op.Sub(sample, mu)
-        var_hat = _reduce_mean(op, op.Mul(centered, centered), axes, opset)
+        parts = []  # estimators.sample_parts: real-row sample, then the virtual rows
+        if plan.include_real:
+            real = xa
+            if plan.virtual_rows:
+                real = _slice(op, xa, 0, 0, int(plan.real_rows), opset)
+            if plan.random:
+                seed = None
+                if self.config.seed is not None:
+                    seed = float((self.config.seed + 7919 * index) % (1 << 24))
+                real = _random_sample(op, real, plan, seed, index, opset)
+            else:
+                for ax in plan.axes:
+                    real = _slice(op, real, ax.axis, 0, int(ax.count), opset)
+            parts.append(real)
+        if plan.virtual_rows:
+            end = int(plan.real_rows) + int(plan.virtual_rows)
+            parts.append(_slice(op, xa, 0, int(plan.real_rows), end, opset))
+        count = _const(op, float(plan.count()), np_acc)
+        # estimators.sample_statistics: sums over the parts / n; two-pass biased variance
+        mu = op.Div(_total(op, [_reduce_sum(op, p, axes, opset) for p in parts]), count)
+        squares = []
+        for p in parts:
+            centered = op.Sub(p, mu)
+            squares.append(_reduce_sum(op, op.Mul(centered, centered), axes, opset))
+        var_hat = op.Div(_total(op, squares), count)
 
         inv_std = op.Reciprocal(op.Sqrt(op.Add(var_hat, _const(op, eps, np_acc))))
         factor = op.Mul(inv_std, _reshape(op, self._cast(op, scale, acc), bshape))
@@ -329,6 +373,24 @@ class SampledBatchNormRule(RewriteRuleClassBase):
         return op.Cast(value, to=int(dtype))
 
 
-def sampled_batchnorm_rules(config: SamplingConfig, report: RewriteReport) -> RewriteRuleSet:
-    """The rule set: one rule per output count (5 down to 1), sharing ``report`` and seeds."""
-    return RewriteRuleSet([SampledBatchNormRule.rule(config, k, report) for k in (5, 4, 3, 2, 1)])
+def _check_method(config: SamplingConfig, allow_virtual_rows: bool) -> None:
+    if config.method in ONNX_UNSUPPORTED_METHODS and not allow_virtual_rows:
+        raise ValueError(
+            f"method {config.method!r} needs virtual rows carried through the whole graph: use "
+            f"bnrewrite.onnx.rewrite (bnrewrite.passes.onnx_vdn.rewrite_vdn_onnx), not the "
+            f"per-node rule"
+        )
+
+
+def sampled_batchnorm_rules(
+    config: SamplingConfig, report: RewriteReport, *, allow_virtual_rows: bool = False
+) -> RewriteRuleSet:
+    """The rule set: one rule per output count (5 down to 1), sharing ``report`` and seeds.
+
+    ``allow_virtual_rows`` (for :mod:`bnrewrite.passes.onnx_vdn` only): accept ``vdn``/``fs_vdn``,
+    whose BN inputs already carry the virtual rows as their last ``vdn_samples`` rows.
+    """
+    _check_method(config, allow_virtual_rows)
+    return RewriteRuleSet(
+        [SampledBatchNormRule.rule(config, k, report, allow_virtual_rows) for k in (5, 4, 3, 2, 1)]
+    )

@@ -15,21 +15,26 @@ The ONNX counterpart of :mod:`bnrewrite.passes.vdn`. For a model with static bat
    ``torch.Generator().manual_seed((seed or 0) + i)`` in float64, cast). ``random``:
    ``RandomNormal(shape=[V, *x.shape[1:]])``, fresh at every run (``seed`` attribute when the
    config has a seed: onnxruntime then repeats one sequence per session).
-3. **BatchNormalization** (training) with ``X`` of shape ``(N + V, C, *S)`` -> sampled statistics
-   (sizes from :func:`bnrewrite.plan.sample_plan`, the math of :func:`bnrewrite.sampled_batch_norm`;
-   running statistics in ONNX's convention, as :mod:`bnrewrite.passes.onnx_sampled_batchnorm`):
+3. **Batch sizes**: literal ``N`` entries of ``Reshape`` shapes become ``N + V``.
+4. **Outputs**: every batch-carrying graph output ``y`` is ``Slice(y_full, [0], [N], [0])`` under
+   its original name.
+5. **BatchNormalization** (training) with ``X`` of shape ``(N + V, C, *S)``: ONNX shape inference
+   on the edited graph gives every BN input its static shape, and the ONNX rule
+   (:mod:`bnrewrite.passes.onnx_sampled_batchnorm`, ``allow_virtual_rows=True``) lowers it -- the
+   one ONNX lowering of :func:`bnrewrite.sampled_batch_norm`, sizes from
+   :func:`bnrewrite.plan.sample_plan`, running statistics in ONNX's convention:
 
-       parts   = [X[N:N+V]]                      (vdn)
-               + [X[:N, :, :m_1, ..., :m_d]]     (fs_vdn, fixed: top-left patch; (N, C): first k rows)
+       parts   = [sample of X[:N]]   (fs_vdn: the fs sample, fixed Slice or random Gather/
+                                      GatherElements; vdn: none)
+               + [X[N:N+V]]          (every element of the virtual rows)
        mu      = sum_p ReduceSum(p) / n          var = sum_p ReduceSum((p - mu)^2) / n
        Y       = (X - mu) * (1 / sqrt(var + eps)) * scale + B      (all rows)
        rm_out  = rm * momentum + mu * (1 - momentum);   rv_out = rv * momentum + var * (1 - momentum)
 
-4. **Outputs**: every batch-carrying graph output ``y`` is ``Slice(y_full, [0], [N], [0])`` under
-   its original name.
+   Every batch-carrying training BN must be rewritten by the rule (else ``ValueError`` with the
+   rule's reason); unnamed BNs get a name so that the rule's report can be checked.
 
-Refused with a clear message: ``fs_vdn`` with random sampling (the random FS gather lives in the
-ONNX rule's private helpers), opset < 13, dynamic batch dims, control flow touching the batch,
+Refused with a clear message: opset < 13, dynamic batch dims, control flow touching the batch,
 ``Shape`` of a batch value (dynamic reshapes: export with constant shapes or ``flatten(1)``).
 """
 
@@ -41,11 +46,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from bnrewrite.config import SamplingConfig
-from bnrewrite.plan import sample_plan
 
+from .onnx_sampled_batchnorm import RewriteReport, sampled_batchnorm_rules
 from .vdn import BatchMixingError
 
 __all__ = ["rewrite_vdn_onnx"]
@@ -365,11 +371,6 @@ def rewrite_vdn_onnx(
     cfg = SamplingConfig.coerce(config if config is not None else "vdn")
     if not cfg.uses_virtual_rows:
         raise ValueError(f"rewrite_vdn_onnx applies 'vdn' or 'fs_vdn', got {cfg.method!r}")
-    if cfg.method == "fs_vdn" and cfg.sampling == "random":
-        raise ValueError(
-            "fs_vdn with random sampling is not supported on ONNX graphs yet (the random FS "
-            "gather belongs to the ONNX rule); use sampling='fixed' or method='vdn'"
-        )
     model = copy.deepcopy(model)
     state = _Onnx(model, cfg, batch_inputs)
     if state.opset < 13:
@@ -377,9 +378,52 @@ def rewrite_vdn_onnx(
             f"VDN on ONNX needs opset >= 13 (ReduceSum with axes input), got {state.opset}"
         )
     outputs = state.analyze()
+    wanted = _name_batchnorms(state)  # before _rewrite, which copies the nodes
     _rewrite(state, outputs)
+    model = _lower_batchnorms(model, state, wanted)
     onnx.checker.check_model(model)
     return model
+
+
+def _name_batchnorms(state: _Onnx) -> set[str]:
+    """Unique names for the batch-carrying training BNs (the rule's report names nodes)."""
+    names = [n.name for n in state.graph.node if n.op_type == "BatchNormalization"]
+    taken = set(names)
+    wanted: set[str] = set()
+    for i, node in enumerate(state.bn_nodes):
+        if not node.name or names.count(node.name) > 1:
+            name = f"{node.name or 'BatchNormalization'}/vdn{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+        wanted.add(node.name)
+    return wanted
+
+
+def _lower_batchnorms(model: onnx.ModelProto, state: _Onnx, wanted: set[str]) -> onnx.ModelProto:
+    """Step 5: the training BNs of the main graph -> the ONNX rule with virtual rows.
+
+    Shape inference on the edited graph gives every BN input its static shape ``(N + V, ...)``;
+    the rule (``allow_virtual_rows=True``) must rewrite exactly the BNs the analysis found.
+    """
+    model_ir = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+    report = RewriteReport()
+    if wanted:
+        rules = sampled_batchnorm_rules(state.config, report, allow_virtual_rows=True)
+        rules.apply_to_model(model_ir)
+    failed = [(name, why) for name, why in report.skipped if name in wanted]
+    if failed:
+        name, why = failed[0]
+        raise ValueError(f"VDN refused for ONNX: BatchNormalization {name!r} not rewritten: {why}")
+    extra = sorted(set(report.rewritten) - wanted)
+    missing = sorted(wanted - set(report.rewritten))
+    if extra or missing:
+        raise ValueError(
+            f"VDN refused for ONNX: the BN rule rewrote {extra} besides the batch-carrying BNs, "
+            f"or missed {missing}"
+        )
+    return ir.serde.serialize_model(model_ir)
 
 
 class _Builder:
@@ -414,7 +458,7 @@ def _rewrite(state: _Onnx, outputs: list[str]) -> None:
     v, n = cfg.vdn_samples, state.n
     b = _Builder(state)
     renames: dict[str, str] = {}
-    # 1. virtual rows at the inputs
+    # 2. virtual rows at the inputs
     head: list[onnx.NodeProto] = []
     for i, name in enumerate(state.batch_inputs):
         elem, dims = state.shapes[name]
@@ -432,25 +476,17 @@ def _rewrite(state: _Onnx, outputs: list[str]) -> None:
                 attrs["seed"] = float((cfg.seed + i) % (1 << 24))
             virt = b.op("RandomNormal", [], **attrs)
         joined = b.op("Concat", [name, virt], axis=0)
-        state.shapes[joined] = (elem, [n + v, *dims[1:]])  # a BN may read the input directly
         renames[name] = joined
     head, b.nodes = b.nodes, []
     for node in graph.node:
         for k, inp in enumerate(node.input):
             if inp in renames:
                 node.input[k] = renames[inp]
-    # 2. literal batch sizes in Reshape shapes
+    # 3. literal batch sizes in Reshape shapes
     for node, new in state.reshape_edits:
         node.input[1] = b.const(new, np.int64, "shape")
-    # 3. BatchNormalization -> VDN statistics
-    new_nodes: list[onnx.NodeProto] = list(head)
-    bn_set = {id(nd) for nd in state.bn_nodes}
-    for node in graph.node:
-        if id(node) not in bn_set:
-            new_nodes.append(node)
-            continue
-        new_nodes.extend(_bn_subgraph(b, state, node))
-        b.nodes = []
+    # (5. BatchNormalization: the rule, in _lower_batchnorms, once shapes are inferred again)
+    new_nodes: list[onnx.NodeProto] = list(head) + list(graph.node)
     # 4. outputs
     tail: list[onnx.NodeProto] = []
     for out in outputs:
@@ -474,71 +510,3 @@ def _rewrite(state: _Onnx, outputs: list[str]) -> None:
     keep = [vi for vi in graph.value_info if vi.name not in state.batch]
     del graph.value_info[:]
     graph.value_info.extend(keep)
-
-
-def _bn_subgraph(b: _Builder, state: _Onnx, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    cfg, n, v = state.config, state.n, state.config.vdn_samples
-    x, scale, bias, mean_in, var_in = list(node.input)[:5]
-    elem, dims = state.shapes.get(x, (None, None)) if x in state.shapes else (None, None)
-    dims = state.dims(x) if dims is None else dims
-    if dims is None or any(d is None for d in dims[1:]):
-        raise ValueError(
-            f"VDN refused for ONNX: BatchNormalization {node.name!r} input shape unknown"
-        )
-    full_shape = (n + v, *dims[1:])
-    plan = sample_plan(full_shape, cfg)
-    eps = float(_attr(node, "epsilon", 1e-5))
-    momentum = float(_attr(node, "momentum", 0.9))
-    rank = len(full_shape)
-    axes = [0, *range(2, rank)]
-    np_acc = np.float64 if elem == onnx.TensorProto.DOUBLE else np.float32
-    to_acc = onnx.TensorProto.DOUBLE if np_acc is np.float64 else onnx.TensorProto.FLOAT
-    xa = x if elem == to_acc else b.op("Cast", [x], to=to_acc)
-    parts = [b.slice(xa, [0], [plan.real_rows], [plan.real_rows + plan.virtual_rows])]
-    if plan.include_real:
-        real = b.slice(xa, [0], [0], [plan.real_rows])
-        for ax in plan.axes:
-            real = b.slice(real, [ax.axis], [0], [int(ax.count)])
-        parts.append(real)
-    count = float(plan.count())
-    axes_c = b.const(axes)
-    sums = [b.op("ReduceSum", [p, axes_c], keepdims=1) for p in parts]
-    total = sums[0] if len(sums) == 1 else b.op("Sum", sums)
-    mu = b.op("Div", [total, b.const(count, np_acc)])
-    sq = [
-        b.op("ReduceSum", [b.op("Mul", [c, c]), axes_c], keepdims=1)
-        for c in (b.op("Sub", [p, mu]) for p in parts)
-    ]
-    sq_total = sq[0] if len(sq) == 1 else b.op("Sum", sq)
-    var = b.op("Div", [sq_total, b.const(count, np_acc)])
-    bshape = b.const([1, full_shape[1]] + [1] * (rank - 2))
-    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np_acc)])])])
-    scale_a = b.op("Reshape", [b.op("Cast", [scale], to=to_acc), bshape])
-    bias_a = b.op("Reshape", [b.op("Cast", [bias], to=to_acc), bshape])
-    y = b.op("Add", [b.op("Mul", [b.op("Sub", [xa, mu]), b.op("Mul", [inv, scale_a])]), bias_a])
-    if elem != to_acc and elem is not None:
-        y = b.op("Cast", [y], to=elem)
-    results = [y]
-    cshape = b.const([full_shape[1]])
-    keep, new = b.const(momentum, np_acc), b.const(1.0 - momentum, np_acc)
-    for old, stat in ((mean_in, mu), (var_in, var)):
-        stat_c = b.op("Reshape", [stat, cshape])
-        upd = b.op(
-            "Add", [b.op("Mul", [b.op("Cast", [old], to=to_acc), keep]), b.op("Mul", [stat_c, new])]
-        )
-        old_elem = state.shapes.get(old, (None,))[0]
-        if old in state.consts:
-            old_elem = helper.np_dtype_to_tensor_dtype(state.consts[old].dtype)
-        results.append(b.op("Cast", [upd], to=old_elem or to_acc))
-    if len(node.output) > 3:  # opset 9-13 saved_mean, saved_var (inverse std, as onnxruntime)
-        results.append(b.op("Reshape", [mu, cshape]))
-        results.append(b.op("Reshape", [inv, cshape]))
-    nodes = list(b.nodes)
-    # the last producer of each result takes the original output name
-    for k, out in enumerate(node.output):
-        if not out or k >= len(results):
-            continue
-        producer = next(nd for nd in reversed(nodes) if results[k] in nd.output)
-        idx = list(producer.output).index(results[k])
-        producer.output[idx] = out
-    return nodes

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from bnrewrite.passes.onnx_sampled_batchnorm import RewriteReport, sampled_batchnorm_rules
 from test_onnx_support import count_ops, make_bn_model, ort_run, ref_batch_norm
 
 import bnrewrite.onnx as bo
@@ -117,8 +118,11 @@ def test_vdn_goes_through_the_whole_graph_pass() -> None:
     out, report = bo.rewrite_with_report(model, SamplingConfig(method="vdn"))
     assert len(report.rewritten) == 1 and not report.skipped
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
-    with pytest.raises(ValueError, match="sampling='fixed'"):
-        bo.rewrite(model, "fs_vdn")  # random fs_vdn: refused with what to use instead
+    out, report = bo.rewrite_with_report(model, "fs_vdn")  # random fs_vdn: the rule's gather
+    assert len(report.rewritten) == 1 and not report.skipped
+    assert {"RandomUniform", "RandomNormal"} <= {n.op_type for n in out.graph.node}
+    with pytest.raises(ValueError, match="whole graph"):  # the per-node rule alone refuses VDN
+        sampled_batchnorm_rules(SamplingConfig(method="vdn"), RewriteReport())
 
 
 def test_ir_model_in_ir_model_out() -> None:

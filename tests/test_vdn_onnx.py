@@ -104,7 +104,79 @@ def test_onnx_batch_mixing_refused():
 def test_onnx_refuses_unsupported_settings():
     entry = zoo_entry("mlp_bn1d")
     proto = export(entry.factory().float(), entry.example_input().float())
-    with pytest.raises(ValueError, match="fs_vdn with random sampling"):
-        rewrite_vdn_onnx(proto, {"method": "fs_vdn"})
     with pytest.raises(ValueError, match="applies 'vdn' or 'fs_vdn'"):
         rewrite_vdn_onnx(proto, {"method": "fs"})
+    # a BN the rule declines is an error, not a plain BN over N + V rows: one virtual row of a
+    # (N + 1, C) input is one element per channel
+    with pytest.raises(ValueError, match="not rewritten: sample set has 1 element"):
+        rewrite_vdn_onnx(proto, {"method": "vdn", "vdn_samples": 1})
+
+
+def _session(proto):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mlp_bn1d"])
+def test_onnx_random_fs_vdn_runs_and_differs(name):
+    """Random fs_vdn (random FS lattice on the real rows, RandomNormal virtual rows): the rule's
+    random gather with virtual rows; finite, fresh at every run, sliced back to N rows."""
+    entry = zoo_entry(name)
+    x = entry.example_input().float()
+    rewritten = rewrite_vdn_onnx(export(entry.factory().float(), x), {"method": "fs_vdn"})
+    ops = {n.op_type for n in rewritten.graph.node}
+    assert "BatchNormalization" not in ops and {"RandomUniform", "RandomNormal"} <= ops
+    sess = _session(rewritten)
+    a = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    b = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert a[0].shape[0] == x.shape[0] and len(a) == 1 + 2 * entry.bn_count
+    assert all(np.isfinite(t).all() for t in a + b)
+    assert not np.array_equal(a[0], b[0])
+
+
+def test_onnx_random_fs_vdn_mean_is_unbiased():
+    """E[mu] of random fs_vdn over runs = (real_count * mean(h) + virtual_count * E[virtual]) / n:
+    every position is on the random lattice with probability count / size, and the virtual rows
+    (zero-mean normal) give the conv bias in expectation."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    cfg = {"method": "fs_vdn", "ratio": 0.25, "vdn_samples": 2}
+    sess = _session(rewrite_vdn_onnx(export(model, x), cfg))
+    runs = np.stack([sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[1] for _ in range(400)])
+    mu = runs / 0.1  # running mean starts at 0, ONNX momentum 0.9: rm_out = 0.1 * mu
+    with torch.no_grad():
+        h = conv(x).double()
+    real_count, virtual_count = 4 * 4 * 4, 2 * 8 * 8  # m = 4 of 8 per spatial axis
+    want = (real_count * h.mean(dim=(0, 2, 3)) + virtual_count * conv.bias.detach().double()) / (
+        real_count + virtual_count
+    )
+    assert np.isfinite(mu).all() and mu.std(axis=0).min() > 0
+    err = np.abs(mu.mean(axis=0) - want.numpy())
+    assert (err < 5 * mu.std(axis=0) / np.sqrt(len(mu)) + 1e-4).all(), (err, mu.std(axis=0))
+
+
+def test_onnx_opset13_five_outputs_unnamed_bn():
+    """The opset 13 training form (five outputs) of an unnamed BN: the rule lowers it with the
+    virtual rows; numbers from the VDN formula on the fixed rows."""
+    from bnrewrite.passes.onnx_vdn import _fixed_rows
+    from test_onnx_support import make_bn_model
+
+    proto, p = make_bn_model((4, 3, 5, 5), opset=13, outputs=5)
+    proto.graph.node[0].name = ""
+    cfg = {"method": "vdn", "sampling": "fixed", "seed": 3, "vdn_samples": 2}
+    rewritten = rewrite_vdn_onnx(proto, cfg)
+    assert not any(n.op_type == "BatchNormalization" for n in rewritten.graph.node)
+    x = np.random.default_rng(1).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    y, rm, rv, saved_mean, saved_inv = run(rewritten, torch.from_numpy(x))
+    virt = _fixed_rows((2, 3, 5, 5), np.float32, 3).astype(np.float64)
+    mu, var = virt.mean(axis=(0, 2, 3)), virt.var(axis=(0, 2, 3))
+    inv = 1 / np.sqrt(var + 1e-5)
+    want = (x - mu[:, None, None]) * (inv * p["scale"])[:, None, None] + p["B"][:, None, None]
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rm, p["mean"] * 0.9 + mu * 0.1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv, p["var"] * 0.9 + var * 0.1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(saved_mean, mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(saved_inv, inv, rtol=1e-5, atol=1e-6)
