@@ -33,6 +33,7 @@ from .plan import SampledAxis, SamplePlan, sample_plan
 
 __all__ = [
     "draw_offsets",
+    "fixed_virtual_rows",
     "gather_sample",
     "sample_parts",
     "sample_statistics",
@@ -84,6 +85,17 @@ def draw_offsets(plan: SamplePlan, device: torch.device, seed: int | None = None
         for i, ax in enumerate(plan.axes)
     ]
     return torch.stack(cols, dim=-1)
+
+
+def fixed_virtual_rows(shape: tuple[int, ...], seed: int) -> Tensor:
+    """The virtual rows of ``fixed`` VDN sampling: standard normal, float64, on the CPU.
+
+    Drawn from ``torch.Generator().manual_seed(seed)`` at every call, so they are identical on every
+    call, device and backend (the torch VDN pass casts and moves them; the ONNX pass stores them as
+    an initializer).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(tuple(int(d) for d in shape), generator=gen, dtype=torch.float64)
 
 
 def axis_indices(ax: SampledAxis, offsets: Tensor, column: int) -> Tensor:

@@ -50,6 +50,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from bnrewrite.config import SamplingConfig
+from bnrewrite.estimators import fixed_virtual_rows
 
 from .onnx_sampled_batchnorm import RewriteReport, sampled_batchnorm_rules
 from .vdn import BatchMixingError
@@ -349,14 +350,6 @@ class _Onnx:
         return False
 
 
-def _fixed_rows(shape: Sequence[int], dtype: np.dtype, seed: int) -> np.ndarray:
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
-    return rows.numpy().astype(dtype)
-
-
 def rewrite_vdn_onnx(
     model: onnx.ModelProto,
     config: SamplingConfig | Mapping[str, Any] | str | None = None,
@@ -469,7 +462,9 @@ def _rewrite(state: _Onnx, outputs: list[str]) -> None:
             raise ValueError(f"VDN refused for ONNX: input {name!r} has dynamic dims {dims}")
         if cfg.sampling == "fixed":
             np_dtype = helper.tensor_dtype_to_np_dtype(elem)
-            virt = b.const(_fixed_rows(shape, np_dtype, (cfg.seed or 0) + i), np_dtype, "virtual")
+            virt = b.const(
+                fixed_virtual_rows(tuple(shape), (cfg.seed or 0) + i).numpy(), np_dtype, "virtual"
+            )
         else:
             attrs: dict[str, Any] = {"shape": shape, "dtype": elem}
             if cfg.seed is not None:

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnrewrite.config import SamplingConfig
+from bnrewrite.estimators import fixed_virtual_rows
 
 from .fx import (
     BatchNormSite,
@@ -93,9 +94,7 @@ def _vdn_fixed_rows(like: Tensor, rows: int, seed: int) -> Tensor:
     key = (shape, like.dtype, str(like.device), int(seed))
     rows_t = _FIXED_CACHE.get(key)
     if rows_t is None:
-        gen = torch.Generator().manual_seed(int(seed))
-        rows_t = torch.randn(shape, generator=gen, dtype=torch.float64)
-        rows_t = rows_t.to(dtype=like.dtype, device=like.device)
+        rows_t = fixed_virtual_rows(shape, seed).to(dtype=like.dtype, device=like.device)
         if len(_FIXED_CACHE) > 64:
             _FIXED_CACHE.clear()
         _FIXED_CACHE[key] = rows_t

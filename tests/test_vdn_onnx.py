@@ -161,8 +161,9 @@ def test_onnx_random_fs_vdn_mean_is_unbiased():
 def test_onnx_opset13_five_outputs_unnamed_bn():
     """The opset 13 training form (five outputs) of an unnamed BN: the rule lowers it with the
     virtual rows; numbers from the VDN formula on the fixed rows."""
-    from bnrewrite.passes.onnx_vdn import _fixed_rows
     from test_onnx_support import make_bn_model
+
+    from bnrewrite.estimators import fixed_virtual_rows
 
     proto, p = make_bn_model((4, 3, 5, 5), opset=13, outputs=5)
     proto.graph.node[0].name = ""
@@ -171,7 +172,7 @@ def test_onnx_opset13_five_outputs_unnamed_bn():
     assert not any(n.op_type == "BatchNormalization" for n in rewritten.graph.node)
     x = np.random.default_rng(1).standard_normal((4, 3, 5, 5)).astype(np.float32)
     y, rm, rv, saved_mean, saved_inv = run(rewritten, torch.from_numpy(x))
-    virt = _fixed_rows((2, 3, 5, 5), np.float32, 3).astype(np.float64)
+    virt = fixed_virtual_rows((2, 3, 5, 5), 3).numpy().astype(np.float32).astype(np.float64)
     mu, var = virt.mean(axis=(0, 2, 3)), virt.var(axis=(0, 2, 3))
     inv = 1 / np.sqrt(var + 1e-5)
     want = (x - mu[:, None, None]) * (inv * p["scale"])[:, None, None] + p["B"][:, None, None]
