@@ -1,6 +1,7 @@
 """An independent float64 reference of the DESIGN.md contract for fixed sampling.
 
-Written from DESIGN.md alone; it imports nothing from bnrewrite. ``bs``/``ns``: the first ``k`` samples;
+Written from DESIGN.md alone; it imports nothing from bnrewrite. ``ref_sample`` is the tests' one
+definition of the fixed sample set: the zoo's, the ONNX tests' and the VDN tests' references build on it. ``bs``/``ns``: the first ``k`` samples;
 ``fs``: the top-left patch of side ``take(S_i, ratio ** (1/d))``; statistics are the biased mean and
 variance over that set; the whole tensor is normalised; running stats use ``n / (n - 1)``.
 """
@@ -8,6 +9,7 @@ variance over that set; the whole tensor is normalised; running stats use ``n / 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -16,8 +18,8 @@ def ref_take(size: int, f: float) -> int:
     return max(1, min(size, math.ceil(size * f - 1e-9)))
 
 
-def ref_sample(x: torch.Tensor, method: str, ratio: float) -> torch.Tensor:
-    """The fixed sample set of ``x`` (N, C, *S) as a tensor (N', C, *S')."""
+def ref_sample(x: Any, method: str, ratio: float) -> Any:
+    """The fixed sample set of ``x`` (N, C, *S) as (N', C, *S'); torch tensors or numpy arrays."""
     if method == "full":
         return x
     spatial = x.shape[2:]
@@ -27,7 +29,7 @@ def ref_sample(x: torch.Tensor, method: str, ratio: float) -> torch.Tensor:
         side = ratio ** (1.0 / len(spatial))
         index = [slice(None), slice(None)] + [slice(0, ref_take(s, side)) for s in spatial]
         return x[tuple(index)]
-    raise ValueError(method)
+    raise ValueError(f"the reference covers full/ns/bs/fs, got {method!r}")
 
 
 def ref_batch_norm(

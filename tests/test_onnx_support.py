@@ -9,12 +9,12 @@ variance takes the *biased* variance).
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from reference import ref_sample
 from torch import nn
 
 __all__ = [
@@ -53,22 +53,6 @@ def ort_run(model, feeds: dict | np.ndarray, **kw) -> dict[str, np.ndarray]:
         feeds = {sess.get_inputs()[0].name: feeds}
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds)))
-
-
-def take(size: int, fraction: float) -> int:
-    return max(1, min(size, math.ceil(size * fraction - 1e-9)))
-
-
-def ref_sample(x, method: str, ratio: float):
-    """The fixed sample set of DESIGN.md (works on numpy arrays and torch tensors)."""
-    if method == "full":
-        return x
-    if method in ("ns", "bs") or x.ndim == 2:
-        return x[: take(x.shape[0], ratio)]
-    assert method == "fs"
-    d = x.ndim - 2
-    index = [slice(None), slice(None)] + [slice(0, take(s, ratio ** (1 / d))) for s in x.shape[2:]]
-    return x[tuple(index)]
 
 
 def ref_batch_norm(x, w, b, rm, rv, eps, onnx_momentum, method="full", ratio=1.0):

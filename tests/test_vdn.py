@@ -12,7 +12,6 @@ cast to ``x``'s dtype (seed ``config.seed or 0``, plus ``i`` for the ``i``-th ba
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import Tensor, fx, nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bnrewrite.passes.vdn import BatchMixingError, analyze, rewrite_vdn  # noqa: E402
+from reference import ref_sample  # noqa: E402
 from zoo import zoo_entry  # noqa: E402
 
 from bnrewrite import SamplingConfig  # noqa: E402
@@ -32,10 +32,6 @@ V = 2
 
 
 # -- the independent reference ---------------------------------------------------------------------
-def _take(size: int, f: float) -> int:
-    return max(1, min(size, math.ceil(size * f - 1e-9)))
-
-
 def ref_virtual_rows(x: Tensor, rows: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((rows, *x.shape[1:]), generator=g, dtype=torch.float64).to(x.dtype)
@@ -57,13 +53,7 @@ class RefVDNBatchNorm(nn.Module):
         real, virt = h[:-V], h[-V:]
         parts = [virt]
         if self.method == "fs_vdn":
-            spatial = real.shape[2:]
-            if not spatial:
-                parts.append(real[: _take(real.shape[0], self.ratio)])
-            else:
-                side = self.ratio ** (1 / len(spatial))
-                idx = (slice(None), slice(None), *(slice(0, _take(s, side)) for s in spatial))
-                parts.append(real[idx])
+            parts.append(ref_sample(real, "fs", self.ratio))
         flat = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
         n = flat.shape[1]
         mean = flat.mean(1)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from reference import ref_sample
 from torch import Tensor, nn
 
 __all__ = [
@@ -44,23 +44,6 @@ __all__ = [
 
 
 # -- the reference ------------------------------------------------------------------------------
-def _take(size: int, fraction: float) -> int:
-    return max(1, min(size, math.ceil(size * fraction - 1e-9)))
-
-
-def _reference_sample(x: Tensor, method: str, ratio: float) -> Tensor:
-    spatial = x.shape[2:]
-    if method == "full":
-        return x
-    if method in ("bs", "ns") or (method == "fs" and not spatial):
-        return x[: _take(x.shape[0], ratio)]
-    if method == "fs":
-        side = ratio ** (1.0 / len(spatial))
-        index = (slice(None), slice(None), *(slice(0, _take(s, side)) for s in spatial))
-        return x[index]
-    raise ValueError(f"the reference covers full/ns/bs/fs, got {method!r}")
-
-
 def reference_batch_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -77,7 +60,7 @@ def reference_batch_norm(
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sample = _reference_sample(x, method, ratio).to(acc)
+    sample = ref_sample(x, method, ratio).to(acc)
     dims = [0, *range(2, x.dim())]
     mean = sample.mean(dim=dims)
     shape = [1, -1] + [1] * (x.dim() - 2)
