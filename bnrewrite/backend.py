@@ -12,9 +12,11 @@ Entry points:
 * ``torch.compile(model, backend="bnrewrite", options={...})`` -- registered through the
   ``torch_dynamo_backends`` entry point (``bnrewrite.backend:bnrewrite_backend``), no import
   needed. ``options`` holds :class:`bnrewrite.SamplingConfig` fields plus ``mode`` (an Inductor
-  mode, passed on), ``include`` / ``exclude`` (fnmatch patterns over module names), ``overrides``
-  and ``inner`` (``"inductor"`` default, ``"aot_eager"``, ``"eager"``). An unknown key is a
-  ``ValueError`` that names it.
+  mode, passed on), ``include`` / ``exclude`` (fnmatch patterns over module names), ``overrides``,
+  ``inner`` (``"inductor"`` default, ``"aot_eager"``, ``"eager"``) and ``lowering``
+  (``"torch"`` default: the estimator as aten ops, which Inductor fuses; ``"kernels"``: the fused
+  Triton kernels of :mod:`bnrewrite.kernels` with ReLU / residual-add + ReLU epilogues folded in,
+  on CUDA inputs). An unknown key is a ``ValueError`` that names it.
 * ``make_backend(config, inner="aot_eager")`` -- a backend callable for code that builds its
   config (``torch.compile(model, backend=make_backend(cfg))``).
 * ``SampledBatchNormPass(config)`` -- for ``torch._inductor.config.pre_grad_custom_pass``, for
@@ -54,7 +56,14 @@ __all__ = [
 log = logging.getLogger("bnrewrite")
 
 #: Option keys the backend accepts besides the SamplingConfig fields.
-BACKEND_OPTIONS: tuple[str, ...] = ("mode", "include", "exclude", "overrides", "inner")
+BACKEND_OPTIONS: tuple[str, ...] = (
+    "mode",
+    "include",
+    "exclude",
+    "overrides",
+    "inner",
+    "lowering",
+)
 _INNER = ("inductor", "aot_eager", "eager")
 
 
@@ -111,9 +120,16 @@ def make_backend(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    lowering: str = "torch",
 ) -> Callable[..., Any]:
-    """A ``torch.compile`` backend that rewrites BatchNorm to ``config`` and compiles with ``inner``."""
+    """A ``torch.compile`` backend that rewrites BatchNorm to ``config`` and compiles with ``inner``.
+
+    ``lowering``: ``"torch"`` or ``"kernels"`` (see :data:`bnrewrite.passes.fx.LOWERINGS`).
+    """
+    from .passes.fx import check_lowering
+
     cfg = SamplingConfig.coerce(config)
+    check_lowering(lowering, cfg)
     if inner not in _INNER:
         raise ValueError(f"inner must be one of {', '.join(map(repr, _INNER))}, got {inner!r}")
     if inner == "inductor":
@@ -128,13 +144,14 @@ def make_backend(
         else:
             from .passes.fx import rewrite_graph
 
-            report = rewrite_graph(gm, cfg, **filters)
+            report = rewrite_graph(gm, cfg, **filters, lowering=lowering)
             gm.meta["bnrewrite"] = report
         reports.append(report)
         return _compile_inner(gm, example_inputs, inner, mode)
 
     reports: list[Any] = []
     bnrewrite_compile.config = cfg  # type: ignore[attr-defined]
+    bnrewrite_compile.lowering = lowering  # type: ignore[attr-defined]
     bnrewrite_compile.reports = reports  # type: ignore[attr-defined]  # one per compiled graph
     return bnrewrite_compile
 
@@ -168,15 +185,21 @@ def _custom_graph_pass_base() -> type:
 
 
 _SOURCES = ("config.py", "plan.py", "estimators.py", "modules.py", "ops.py", "backend.py")
+_KERNEL_SOURCES = ("kernels/ops.py", "kernels/triton_kernels.py", "kernels/modules.py")
 
 
-def _source_digest() -> str:
+def _source_digest(lowering: str = "torch") -> str:
     """Digest of the files that define the rewrite and its math (the pass is as stable as they)."""
     here = Path(__file__).resolve().parent
+    from .passes import epilogue
     from .passes import fx as fx_pass
 
+    names = _SOURCES + (_KERNEL_SOURCES if lowering == "kernels" else ())
+    paths = [*(here / name for name in names), Path(fx_pass.__file__)]
+    if lowering == "kernels":
+        paths.append(Path(epilogue.__file__))
     digest = hashlib.sha256()
-    for path in [*(here / name for name in _SOURCES), Path(fx_pass.__file__)]:
+    for path in paths:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -197,13 +220,17 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        lowering: str = "torch",
     ) -> None:
+        from .passes.fx import check_lowering
+
         self.config = SamplingConfig.coerce(config)
         if self.config.uses_virtual_rows:
             raise ValueError(
                 f"method {self.config.method!r} changes the graph's batch size (virtual rows); "
                 "use torch.compile(model, backend='bnrewrite', options=...) for VDN"
             )
+        self.lowering = check_lowering(lowering, self.config)
         self.include, self.exclude, self.overrides = include, exclude, overrides
         self.last_report: Any = None
         self.reports: list[Any] = []  # one per graph the pass ran on (none on a cache hit)
@@ -212,7 +239,12 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
         from .passes.fx import rewrite_graph
 
         self.last_report = rewrite_graph(
-            graph, self.config, include=self.include, exclude=self.exclude, overrides=self.overrides
+            graph,
+            self.config,
+            include=self.include,
+            exclude=self.exclude,
+            overrides=self.overrides,
+            lowering=self.lowering,
         )
         self.reports.append(self.last_report)
 
@@ -222,6 +254,13 @@ class SampledBatchNormPass(_custom_graph_pass_base()):  # type: ignore[misc]
             for k, v in (self.overrides or {}).items()
         )
         key = repr(
-            (config_to_str(self.config), self.include, self.exclude, overrides, _source_digest())
+            (
+                config_to_str(self.config),
+                self.include,
+                self.exclude,
+                overrides,
+                self.lowering,
+                _source_digest(self.lowering),
+            )
         )
         return hashlib.sha256(key.encode()).hexdigest()

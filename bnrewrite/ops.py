@@ -18,6 +18,16 @@ gradient is autograd's exact gradient of the sampled forward.
         The functional form (like ``aten._native_batch_norm_legit_functional``): the inputs are not
         mutated, the updated statistics are returned.
 
+    fused_sampled_batch_norm(input, weight, bias, running_mean!, running_var!, training, momentum,
+                             eps, config, relu=False, residual=None) -> y
+        The mutating form lowered to the fused GPU kernels (:mod:`bnrewrite.kernels`), emitted by
+        the FX pass with ``lowering="kernels"``: ``relu`` gives ``relu(y)``, ``residual`` (with
+        ``relu``) ``relu(y + residual)``. Its implementation is
+        :func:`bnrewrite.kernels.fused_sampled_batch_norm`, which draws the sample exactly as the
+        estimator does and runs the kernels for CUDA inputs (the estimator elsewhere), so its
+        value is the estimator's; under AOTAutograd it decomposes into the offset draw and the
+        opaque ``bnrewrite::fused_bn_forward`` op (with its registered backward).
+
 ``config`` is the canonical string of a :class:`bnrewrite.SamplingConfig`
 (:func:`config_to_str`), a plain scalar argument that is part of the graph and of cache keys.
 """
@@ -39,6 +49,7 @@ __all__ = [
     "config_from_str",
     "sampled_batch_norm_op",
     "sampled_batch_norm_functional_op",
+    "fused_sampled_batch_norm_op",
     "is_sampled_batch_norm_op",
 ]
 
@@ -107,6 +118,36 @@ def _sampled_batch_norm_functional_impl(
     return y, new_mean, new_var
 
 
+def _fused_sampled_batch_norm_impl(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    config: str,
+    relu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    from .kernels.ops import fused_sampled_batch_norm  # the kernels load Triton lazily
+
+    return fused_sampled_batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        config=config_from_str(config),
+        relu=relu,
+        residual=residual,
+    )
+
+
 def _register() -> Any:
     """Define the ops once per process (re-importing the module must not redefine them)."""
     if hasattr(torch.ops, _NAMESPACE) and hasattr(
@@ -124,7 +165,15 @@ def _register() -> Any:
         "Tensor running_mean, Tensor running_var, bool training, float momentum, float eps, "
         "str config) -> (Tensor, Tensor, Tensor)"
     )
+    lib.define(
+        "fused_sampled_batch_norm(Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+        "float eps, str config, bool relu=False, Tensor? residual=None) -> Tensor"
+    )
     lib.impl("sampled_batch_norm", _sampled_batch_norm_impl, "CompositeImplicitAutograd")
+    lib.impl(
+        "fused_sampled_batch_norm", _fused_sampled_batch_norm_impl, "CompositeImplicitAutograd"
+    )
     lib.impl(
         "sampled_batch_norm_functional",
         _sampled_batch_norm_functional_impl,
@@ -137,6 +186,7 @@ _LIB = _register()
 
 sampled_batch_norm_op = torch.ops.bnrewrite.sampled_batch_norm.default
 sampled_batch_norm_functional_op = torch.ops.bnrewrite.sampled_batch_norm_functional.default
+fused_sampled_batch_norm_op = torch.ops.bnrewrite.fused_sampled_batch_norm.default
 
 
 def is_sampled_batch_norm_op(target: Any) -> bool:
@@ -144,6 +194,8 @@ def is_sampled_batch_norm_op(target: Any) -> bool:
     return target in (
         sampled_batch_norm_op,
         sampled_batch_norm_functional_op,
+        fused_sampled_batch_norm_op,
         torch.ops.bnrewrite.sampled_batch_norm,
         torch.ops.bnrewrite.sampled_batch_norm_functional,
+        torch.ops.bnrewrite.fused_sampled_batch_norm,
     )

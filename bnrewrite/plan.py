@@ -157,6 +157,6 @@ def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
         virtual_rows=virtual,
         axes=tuple(axes),
         groups=groups,
-        random=random and bool(axes),
+        random=random and len(axes) > 0,  # not bool(list): Dynamo 2.11 cannot trace it
         include_real=method != "vdn",
     )

@@ -51,12 +51,14 @@ from bnrewrite.config import SamplingConfig
 from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm
 from bnrewrite.ops import (
     config_to_str,
+    fused_sampled_batch_norm_op,
     is_sampled_batch_norm_op,
     sampled_batch_norm_functional_op,
     sampled_batch_norm_op,
 )
 
 __all__ = [
+    "LOWERINGS",
     "BatchNormSite",
     "RewriteReport",
     "find_batch_norm_nodes",
@@ -69,6 +71,27 @@ __all__ = [
 log = logging.getLogger("bnrewrite")
 
 aten = torch.ops.aten
+
+#: How a rewritten BN is computed: ``"torch"`` -- the estimator as aten ops (Inductor fuses them);
+#: ``"kernels"`` -- the fused Triton kernels (:mod:`bnrewrite.kernels`) with ReLU and
+#: residual-add + ReLU epilogues folded in (:mod:`bnrewrite.passes.epilogue`).
+LOWERINGS: tuple[str, ...] = ("torch", "kernels")
+
+
+def check_lowering(lowering: str, config: SamplingConfig | None = None) -> str:
+    """Validate a ``lowering`` value (and that ``config`` supports it); returns it."""
+    if lowering not in LOWERINGS:
+        raise ValueError(
+            f"lowering must be one of {', '.join(map(repr, LOWERINGS))}, got {lowering!r}"
+        )
+    if lowering == "kernels" and config is not None and config.uses_virtual_rows:
+        raise ValueError(
+            f"lowering='kernels' is not available for method {config.method!r} in the graph "
+            "passes (virtual rows run the torch lowering); use lowering='torch', or "
+            "bnrewrite.kernels.convert_fused_ on the model"
+        )
+    return lowering
+
 
 # -- the forms --------------------------------------------------------------------------------
 # Each call_function form: argument names in order (missing trailing ones take defaults), whether it
@@ -149,6 +172,9 @@ class RewriteReport:
 
     rewritten: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, method)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
+    lowering: str = "torch"
+    #: (name, "relu" | "residual+relu") for each epilogue folded into a fused BN call
+    epilogues: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -158,8 +184,12 @@ class RewriteReport:
         return [name for name, reason in self.skipped if reason.startswith(reason_prefix)]
 
     def __str__(self) -> str:
-        lines = [f"bnrewrite: rewrote {self.count} BatchNorm node(s)"]
+        head = f"bnrewrite: rewrote {self.count} BatchNorm node(s)"
+        if self.lowering != "torch":
+            head += f" (lowering {self.lowering}, {len(self.epilogues)} epilogue(s) fused)"
+        lines = [head]
         lines += [f"  rewritten {name} ({method})" for name, method in self.rewritten]
+        lines += [f"  fused {kind} into {name}" for name, kind in self.epilogues]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -362,21 +392,31 @@ def rewrite_node(
     config: SamplingConfig,
     *,
     follow_module_training: bool = False,
-) -> None:
+    lowering: str = "torch",
+) -> fx.Node | None:
     """Rewrite one matched BatchNorm node (``site.reason`` must be ``None``) to ``config``.
 
     ``follow_module_training``: for ``symbolic_trace`` graphs, read the ``training`` argument of a
     ``call_function`` BN from its owning module at run time (see :func:`_training_attr`).
+    ``lowering="kernels"``: emit ``bnrewrite::fused_sampled_batch_norm`` (mutating forms) or a
+    ``FusedSampledBatchNormNd`` (module form) instead; the functional forms keep the torch op.
+    Returns the new node (``None`` for the module form, whose node is kept).
     """
     if site.reason is not None:
         raise ValueError(f"cannot rewrite {site.name}: {site.reason}")
+    check_lowering(lowering, config)
     node = site.node
     graph = node.graph
     if site.form == "module":
         assert gm is not None
         bn = gm.get_submodule(str(node.target))
-        _set_module(gm, str(node.target), from_batch_norm(bn, config))
-        return
+        module = from_batch_norm(bn, config)
+        if lowering == "kernels":
+            from bnrewrite.kernels.modules import fused_twin
+
+            module = fused_twin(module)
+        _set_module(gm, str(node.target), module)
+        return None
     a = site.args
     training = _training_attr(gm, site) if follow_module_training else True
     op_args = (
@@ -404,7 +444,8 @@ def rewrite_node(
                 new.meta[key] = (old[0], old[stats[0]], old[stats[1]])
             remap = {0: 0, stats[0]: 1, stats[1]: 2}
         else:
-            new = graph.call_function(sampled_batch_norm_op, op_args)
+            target = sampled_batch_norm_op if lowering == "torch" else fused_sampled_batch_norm_op
+            new = graph.call_function(target, op_args)
             _copy_meta(node, new, index=0 if spec.tuple_out else None)
             remap = {0: 0}
     if not spec.tuple_out:
@@ -420,6 +461,7 @@ def rewrite_node(
                 user.replace_all_uses_with(new)
                 graph.erase_node(user)
     graph.erase_node(node)
+    return new
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -464,13 +506,18 @@ def rewrite_graph(
     overrides: Mapping[str, Any] | None = None,
     filter_fn: Callable[[BatchNormSite], bool] | None = None,
     follow_module_training: bool = False,
+    lowering: str = "torch",
+    fuse_epilogues: bool = True,
 ) -> RewriteReport:
     """Rewrite every training-mode BN node of a graph in place; returns the report.
 
     Works on a ``GraphModule`` (any graph kind) or a bare ``Graph`` (the Inductor pre-grad hook);
-    ``call_module`` sites need the owning module.
+    ``call_module`` sites need the owning module. ``lowering`` (:data:`LOWERINGS`): ``"kernels"``
+    lowers to the fused Triton kernels and, with ``fuse_epilogues``, folds each ``relu(BN)`` and
+    ``relu(BN + z)`` into the BN call (:func:`bnrewrite.passes.epilogue.fuse_epilogues`).
     """
     cfg = SamplingConfig.coerce(config)
+    check_lowering(lowering, cfg)
     include_p, exclude_p = _as_patterns(include), _as_patterns(exclude)
     if isinstance(graph_or_module, fx.GraphModule):
         gm: fx.GraphModule | None = graph_or_module
@@ -478,8 +525,9 @@ def rewrite_graph(
     else:
         graph = graph_or_module
         gm = graph.owning_module
-    report = RewriteReport()
+    report = RewriteReport(lowering=lowering)
     changed = False
+    names: dict[str, str] = {}  # new node / module path -> site name, for the epilogue report
     for site in find_batch_norm_nodes(graph if gm is None else gm):
         if site.reason is not None:
             report.skipped.append((site.name, site.reason))
@@ -488,9 +536,18 @@ def rewrite_graph(
         if chosen is None or (filter_fn is not None and not filter_fn(site)):
             report.skipped.append((site.name, "filtered by name"))
             continue
-        rewrite_node(gm, site, chosen, follow_module_training=follow_module_training)
+        new = rewrite_node(
+            gm, site, chosen, follow_module_training=follow_module_training, lowering=lowering
+        )
+        names[new.name if new is not None else str(site.node.target)] = site.name
         report.rewritten.append((site.name, chosen.method))
         changed = changed or site.form != "module"
+    if lowering == "kernels" and fuse_epilogues and report.rewritten:
+        from .epilogue import fuse_epilogues as _fuse
+
+        fused = _fuse(graph if gm is None else gm)
+        report.epilogues = [(names.get(name, name), kind) for name, kind in fused]
+        changed = changed or bool(fused)
     if changed:
         graph.lint()
         if gm is not None:
@@ -526,6 +583,7 @@ def rewrite(
     overrides: Mapping[str, Any] | None = None,
     return_report: bool = False,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    lowering: str = "torch",
     **vdn_options: Any,
 ) -> Any:
     """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram.
@@ -541,10 +599,15 @@ def rewrite(
     GraphModules, in ``ep.graph_module.meta["bnrewrite"]`` for ExportedPrograms, logged on the
     ``bnrewrite`` logger and returned too with ``return_report=True``.
 
+    ``lowering="kernels"``: the rewritten BN run the fused Triton kernels on CUDA, with ReLU and
+    residual-add + ReLU epilogues fused (see :func:`rewrite_graph`); ``"torch"`` (default): the
+    estimator as aten ops.
+
     ``vdn`` / ``fs_vdn`` configs go to the whole-graph pass
     (:func:`bnrewrite.passes.vdn.rewrite_vdn`), which also takes ``vdn_options``.
     """
     cfg = SamplingConfig.coerce(config)
+    check_lowering(lowering, cfg)
     opts = {"include": include, "exclude": exclude, "overrides": overrides}
     if cfg.uses_virtual_rows:
         # VDN carries virtual rows through the whole network: the whole-graph pass does it.
@@ -566,7 +629,7 @@ def rewrite(
         )
     export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
     if export_cls is not None and isinstance(obj, export_cls):
-        result, report = _rewrite_exported(obj, cfg, opts)
+        result, report = _rewrite_exported(obj, cfg, {**opts, "lowering": lowering})
         return (result, report) if return_report else result
     if isinstance(obj, fx.GraphModule):
         gm = obj if inplace else copy.deepcopy(obj)
@@ -583,6 +646,6 @@ def rewrite(
             f"torch.export.ExportedProgram, got {type(obj).__name__}"
         )
     traced = isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule)
-    report = rewrite_graph(gm, cfg, **opts, follow_module_training=traced)
+    report = rewrite_graph(gm, cfg, **opts, follow_module_training=traced, lowering=lowering)
     gm.meta["bnrewrite"] = report
     return (gm, report) if return_report else gm

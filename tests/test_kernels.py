@@ -443,10 +443,9 @@ def test_cuda_dtypes_layouts(dtype, layout):
 
 
 def test_backend_routes_to_kernels():
-    """The FX pass's op lowered to the fused ops (what bench's 'backend+kernels' measures)."""
+    """lowering="kernels": AOTAutograd's forward graph calls the fused op (BN + ReLU fused)."""
     pytest.importorskip("bnrewrite.passes.fx")  # installed (package-dir), not just on PYTHONPATH
     backend = pytest.importorskip("bnrewrite.backend")
-    from bnrewrite.bench import _backend_kernels
 
     cfg = SamplingConfig(method="bs", ratio=0.5, sampling="fixed")
     torch.manual_seed(0)
@@ -468,14 +467,14 @@ def test_backend_routes_to_kernels():
     def inner(gm, example_inputs):  # noqa: ANN001
         return aot_module_simplified(gm, example_inputs, fw_compiler=count_ops)
 
-    with _backend_kernels(True):
-        be = backend.make_backend(cfg, inner="eager")
-        compiled = torch.compile(net, backend=lambda gm, ex: inner(_rewrite(be, gm, ex), ex))
-        y = compiled(x)
+    be = backend.make_backend(cfg, inner="eager", lowering="kernels")
+    compiled = torch.compile(net, backend=lambda gm, ex: inner(_rewrite(be, gm, ex), ex))
+    y = compiled(x)
     y.sum().backward()
     y_ref = ref(x)
     y_ref.sum().backward()
     assert any("fused_bn_forward" in t for t in seen), seen
+    assert not any("relu" in t for t in seen), seen  # the ReLU runs inside the kernels
     torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(net[1].weight.grad, ref[1].weight.grad, atol=2e-4, rtol=2e-5)
     torch.testing.assert_close(net[1].running_var, ref[1].running_var)
@@ -485,7 +484,7 @@ def _rewrite(be, gm, example_inputs):  # noqa: ANN001
     """The backend's FX rewrite only (its inner compiler is replaced by the op counter)."""
     from bnrewrite.passes.fx import rewrite_graph
 
-    rewrite_graph(gm, be.config)
+    rewrite_graph(gm, be.config, lowering=be.lowering)
     return gm
 
 
