@@ -108,8 +108,26 @@ def _compile_inner(
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = _mode_patches(mode)
+    patches = {**_cpp_workarounds(), **_mode_patches(mode)}
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _cpp_workarounds() -> dict[str, Any]:
+    """Inductor config patches for known C++ (CPU) code-generation bugs of older torch releases.
+
+    torch 2.11's C++ backend emits a vectorised tail loop that reads an indirect index defined in
+    another scope (``'tmpN' was not declared in this scope``) for the random BS gather of a
+    channels-last tensor fused with its statistics; torch 2.13 compiles it. Turning the tail-loop
+    vectorisation off avoids it (tail loops only; the GPU/Triton path is unaffected). Users of
+    ``SampledBatchNormPass`` or ``convert_`` + ``torch.compile`` on such a torch set it themselves:
+    ``torch._inductor.config.cpp.enable_loop_tail_vec = False`` (docs/architecture.md).
+    """
+    import torch
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < (2, 13):
+        return {"cpp.enable_loop_tail_vec": False}
+    return {}
 
 
 def make_backend(

@@ -175,6 +175,8 @@ class RewriteReport:
     lowering: str = "torch"
     #: (name, "relu" | "residual+relu") for each epilogue folded into a fused BN call
     epilogues: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: (name, why) for BN lowered to the kernels whose input will run the torch estimator instead
+    fallbacks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -190,6 +192,10 @@ class RewriteReport:
         lines = [head]
         lines += [f"  rewritten {name} ({method})" for name, method in self.rewritten]
         lines += [f"  fused {kind} into {name}" for name, kind in self.epilogues]
+        lines += [
+            f"  {name}: lowering kernels falls back to the torch estimator: {why}"
+            for name, why in self.fallbacks
+        ]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -464,6 +470,19 @@ def rewrite_node(
     return new
 
 
+def _kernels_refusal(site: BatchNormSite) -> str | None:
+    """Why the kernels will not run this BN, judged from the input's value meta (if known)."""
+    x = site.args.get("input") if site.form != "module" else site.node.args[0]
+    meta = None
+    if isinstance(x, fx.Node):
+        meta = x.meta.get("example_value", x.meta.get("val"))
+    if not isinstance(meta, torch.Tensor):
+        return None  # unknown until run time (symbolic_trace graphs)
+    from bnrewrite.kernels.ops import kernels_refusal
+
+    return kernels_refusal(meta.device, meta.dtype, meta.dim())
+
+
 # -- selection ----------------------------------------------------------------------------------
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -542,6 +561,10 @@ def rewrite_graph(
         names[new.name if new is not None else str(site.node.target)] = site.name
         report.rewritten.append((site.name, chosen.method))
         changed = changed or site.form != "module"
+        if lowering == "kernels":
+            why = _kernels_refusal(site)
+            if why is not None:
+                report.fallbacks.append((site.name, why))
     if lowering == "kernels" and fuse_epilogues and report.rewritten:
         from .epilogue import fuse_epilogues as _fuse
 
@@ -553,6 +576,13 @@ def rewrite_graph(
         if gm is not None:
             gm.recompile()
     log.info("%s", report)
+    if report.fallbacks:
+        log.warning(
+            "bnrewrite: %d BatchNorm node(s) lowered to the kernels will run the torch estimator "
+            "(%s: %s)",
+            len(report.fallbacks),
+            *report.fallbacks[0],
+        )
     return report
 
 

@@ -44,6 +44,7 @@ import bnrewrite
 from bnrewrite import SamplingConfig
 from bnrewrite.backend import (
     SampledBatchNormPass,
+    _cpp_workarounds,
     bnrewrite_backend,
     make_backend,
     parse_options,
@@ -294,7 +295,8 @@ def test_mode_passed_to_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
     fn = bnrewrite_backend
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
     fn(gm, [torch.randn(2, 2)], mode="reduce-overhead")
-    assert seen["patches"] == {"triton.cudagraphs": True}
+    assert seen["patches"]["triton.cudagraphs"] is True
+    assert set(seen["patches"]) <= {"triton.cudagraphs", *_cpp_workarounds()}
 
 
 # -- 5 ------------------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ _CACHE_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from torch._dynamo.utils import counters
     sys.path.insert(0, {root!r} + "/tests")
-    from bnrewrite.backend import SampledBatchNormPass
+    from bnrewrite.backend import SampledBatchNormPass, _cpp_workarounds
     from test_backend import _tiny_net
     KEYS = [("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
             ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
@@ -358,7 +360,9 @@ _CACHE_SCRIPT = textwrap.dedent(
     via_backend = snapshot()
     counters.clear()
     torch._dynamo.reset()
-    with torch._inductor.config.patch(pre_grad_custom_pass=SampledBatchNormPass(opts)):
+    # backend="inductor" gets no bnrewrite workarounds: set what _cpp_workarounds() says
+    with torch._inductor.config.patch(pre_grad_custom_pass=SampledBatchNormPass(opts),
+                                      **_cpp_workarounds()):
         step(torch.compile(_tiny_net(), backend="inductor"))
     print(json.dumps({{"backend": via_backend, "pre_grad_pass": snapshot()}}))
     """

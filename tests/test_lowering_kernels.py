@@ -31,6 +31,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from bnrewrite.passes.fx import rewrite_graph  # noqa: E402
 from zoo import (  # noqa: E402
     BasicBlock,
     Bottleneck,
@@ -168,9 +169,12 @@ def test_backend_kernels_match_reference(
 
 
 def _dynamo_graph(model: nn.Module, x: Tensor) -> torch.fx.GraphModule:
+    """The Dynamo graph of ``model(x)``; ``gm.example_inputs`` holds its inputs (x, parameters,
+    buffers: the model's own tensors)."""
     graphs: list[torch.fx.GraphModule] = []
 
-    def capture(gm: torch.fx.GraphModule, example_inputs: object) -> Callable[..., object]:
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., object]:
+        gm.example_inputs = example_inputs
         graphs.append(gm)
         return gm.forward
 
@@ -188,7 +192,7 @@ def _relus(gm: torch.fx.GraphModule) -> int:
 def test_epilogue_names_and_left_alone_forms() -> None:
     gm = _dynamo_graph(_float_model(Patterns), _input(8, 3, 6, 6)())
     relus_before = _relus(gm)
-    report = bnrewrite.passes.fx.rewrite_graph(gm, FIXED["bs"], lowering="kernels")
+    report = rewrite_graph(gm, FIXED["bs"], lowering="kernels")
     assert report.count == 9
     assert dict(report.epilogues) == {f"bns.{i}": kind for i, kind in FUSED_IN_PATTERNS.items()}
     ops = [n for n in gm.graph.nodes if n.target == fused_sampled_batch_norm_op]
@@ -244,11 +248,30 @@ def test_rewrite_module_form_kernels(kernel_calls: list[int]) -> None:
     assert kernel_calls  # the training steps ran the kernels (eval runs PyTorch's BN)
 
 
+def test_fallback_reported_for_inputs_the_kernels_do_not_take(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """float64 runs the torch estimator (correctly); the report and a warning say so."""
+    torch.manual_seed(0)
+    model = Bottleneck().double().to(DEVICE)
+    x = torch.randn(8, 8, 6, 6, dtype=torch.float64, device=DEVICE)
+    gm = _dynamo_graph(model, x)
+    with caplog.at_level("WARNING", logger="bnrewrite"):
+        report = rewrite_graph(gm, FIXED["bs"], lowering="kernels")
+    assert [name for name, _ in report.fallbacks] == ["bn1", "bn2", "bn3"]
+    assert all("dtype torch.float64" in why for _, why in report.fallbacks)
+    assert "will run the torch estimator" in caplog.text
+    expected = reference_model(model, "bs", 0.5)(x)  # a copy: gm updates the model's buffers
+    (got,) = gm(*gm.example_inputs)
+    torch.testing.assert_close(got, expected)
+    float_gm = _dynamo_graph(_float_model(Bottleneck), _input(8, 8, 6, 6)())
+    report = rewrite_graph(float_gm, FIXED["bs"], lowering="kernels")
+    assert report.fallbacks == []
+
+
 def test_epilogues_can_be_disabled() -> None:
     gm = torch.fx.symbolic_trace(_float_model(Bottleneck))
-    report = bnrewrite.passes.fx.rewrite_graph(
-        gm, FIXED["bs"], lowering="kernels", fuse_epilogues=False
-    )
+    report = rewrite_graph(gm, FIXED["bs"], lowering="kernels", fuse_epilogues=False)
     assert report.count == 3 and report.epilogues == []
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "fused_bn_backward",
     "kernels_available",
     "can_use_kernels",
+    "kernels_refusal",
     "interpreter_enabled",
     "use_interpreter",
     "tuning",
@@ -122,6 +123,26 @@ def use_interpreter() -> bool:
     return interpreter_enabled()
 
 
+def kernels_refusal(device: torch.device, dtype: torch.dtype, dim: int) -> str | None:
+    """Why an input of this device, dtype and rank would not run the kernels (``None``: it would).
+
+    The rules of :func:`can_use_kernels` without a tensor (graph passes call it on node meta).
+    """
+    if os.environ.get("BNREWRITE_KERNELS", "1") == "0":
+        return "BNREWRITE_KERNELS=0"
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} (the kernels take float16, bfloat16, float32)"
+    if not 2 <= dim <= 5:
+        return f"{dim}-d input (the kernels take 2-d to 5-d)"
+    if not kernels_available():
+        return "Triton does not import"
+    if device.type == "cuda":
+        return "the kernels were built for the interpreter" if interpreter_enabled() else None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return f"a {device.type} tensor (the kernels run on CUDA)"
+
+
 def can_use_kernels(x: Tensor, config: SamplingConfig | None = None) -> bool:
     """Whether :func:`fused_sampled_batch_norm` runs ``x`` through the kernels.
 
@@ -129,15 +150,9 @@ def can_use_kernels(x: Tensor, config: SamplingConfig | None = None) -> bool:
     tensor or a CPU tensor with the kernels built under ``TRITON_INTERPRET=1`` (tests). Set
     ``BNREWRITE_KERNELS=0`` to force the torch path.
     """
-    if os.environ.get("BNREWRITE_KERNELS", "1") == "0":
+    if x.numel() == 0:
         return False
-    if x.dtype not in _DTYPES or not (2 <= x.dim() <= 5) or x.numel() == 0:
-        return False
-    if not kernels_available():
-        return False
-    if x.device.type == "cuda":
-        return not interpreter_enabled()
-    return x.device.type == "cpu" and interpreter_enabled()
+    return kernels_refusal(x.device, x.dtype, x.dim()) is None
 
 
 # --------------------------------------------------------------------------------------------
