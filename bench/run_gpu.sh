@@ -7,9 +7,11 @@
 #
 # main: `bnrewrite bench` -- copy bandwidth, kernel-vs-estimator checks on ResNet-sized bf16 shapes,
 #   the BN layer table (cuDNN and the fused kernels on all 12 ResNet-50 BN shapes), the ResNet-50
-#   step (compiled plain BN vs compiled fused BS 1/8), then, within its budget, torch.compile'd BN
+#   step (compiled plain BN vs backend="bnrewrite" lowering="kernels" BS 1/8 vs the fused modules),
+#   then, within its budget, torch.compile'd BN
 #   rows, the other ResNet-50 variants and tuning -> $OUT/bench_h200.json, $OUT/bench.txt;
-#   then tests/test_kernels.py on CUDA with the time left -> $OUT/pytest_kernels.txt;
+#   then tests/test_kernels.py and tests/test_lowering_kernels.py on CUDA with the time left
+#   -> $OUT/pytest_kernels.txt;
 #   $OUT/BENCHMARKS_run.md is the section to paste into BENCHMARKS.md.
 # Give the device call a 480 s timeout; BNREWRITE_GPU_BUDGET_S (default 300) bounds the run.
 set -u
@@ -56,8 +58,9 @@ echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
 
 LEFT=$(( TOTAL - ($(date +%s) - START) ))
 if [ "$LEFT" -lt 45 ]; then LEFT=45; fi
-echo "== tests/test_kernels.py on CUDA (timeout ${LEFT} s)"
-timeout "$LEFT" "$PY" -m pytest tests/test_kernels.py -q -x -p no:cacheprovider > "$OUT/pytest_kernels.txt" 2>&1
+echo "== tests/test_kernels.py tests/test_lowering_kernels.py on CUDA (timeout ${LEFT} s)"
+timeout "$LEFT" "$PY" -m pytest tests/test_kernels.py tests/test_lowering_kernels.py -q -p no:cacheprovider \
+  > "$OUT/pytest_kernels.txt" 2>&1
 echo "pytest rc=$? (124 = ran out of time)" | tee -a "$OUT/pytest_kernels.txt"
 tail -n 15 "$OUT/pytest_kernels.txt"
 

@@ -201,6 +201,48 @@ def test_epilogue_names_and_left_alone_forms() -> None:
     assert _relus(gm) == relus_before - len(FUSED_IN_PATTERNS)
 
 
+def test_autocast_bf16_channels_last_random_no_recompile(kernel_calls: list[int]) -> None:
+    """The bench's setting (bf16 autocast, channels-last, random BS): same as the torch lowering
+    with the same RNG state, gradients too; random draws never recompile.
+
+    A bottleneck with an identity shortcut: fusing ``relu(bn3 + x)`` moves no BN past another, so
+    both lowerings draw the layers' offsets in the same order (with a downsample BN between, the
+    fused call runs after it and the two layers swap their draws -- equally random, not equal).
+    """
+
+    def block() -> nn.Module:  # a conv first: the shortcut is bf16 under autocast, as in ResNet
+        return nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), Bottleneck())
+
+    model = _float_model(block).to(memory_format=torch.channels_last)
+    cfg = SamplingConfig("bs", ratio=0.5)
+    dev = torch.device(DEVICE)
+    results = {}
+    for lowering in ("torch", "kernels"):
+        torch._dynamo.reset()
+        backend = make_backend(cfg, inner="aot_eager", lowering=lowering)
+        net = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True)
+        outs, grads = [], []
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(2):
+                x = _input(8, 8, 6, 6)().to(memory_format=torch.channels_last)
+                torch.manual_seed(10 + step)
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    y = net(x)
+                y.float().square().mean().backward()
+                assert y.dtype == torch.bfloat16
+                outs.append(y.detach().float())
+        grads = [p.grad.detach().clone() for p in net.parameters()]
+        results[lowering] = (outs, grads, backend.reports)
+    (t_out, t_grad, _), (k_out, k_grad, k_reports) = results["torch"], results["kernels"]
+    assert len(k_reports) == 1
+    assert len(k_reports[0].epilogues) == 3 and k_reports[0].fallbacks == []
+    for a, b in zip(k_out, t_out, strict=True):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+    for a, b in zip(k_grad, t_grad, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    assert len(kernel_calls) == 2 * 3
+
+
 def test_registered_backend_option_and_inductor(kernel_calls: list[int]) -> None:
     """``torch.compile(backend="bnrewrite", options={"lowering": "kernels"})`` with Inductor."""
     model = _float_model(SmallResNet)
