@@ -80,10 +80,12 @@ def draw_offsets(plan: SamplePlan, device: torch.device, seed: int | None = None
         u = torch.rand(shape, device=device, dtype=torch.float64)
     else:
         u = torch.rand(shape, device=device, generator=gen, dtype=torch.float64)
-    cols = [
-        torch.clamp((u[..., i] * ax.size).floor().long(), max=ax.size - 1)
-        for i, ax in enumerate(plan.axes)
-    ]
+    # offset = min(floor(u * size), size - 1); u >= 0, so the cast's truncation is the floor
+    sizes = [ax.size for ax in plan.axes]  # ints, or SymInts (unhashable) under dynamic=True
+    if len(sizes) == 1 or (all(type(v) is int for v in sizes) and len(set(sizes)) == 1):
+        size = sizes[0]  # rows (ns/bs), fs on square maps: one expression, 3 kernels in eager
+        return (u * size).long().clamp_(max=size - 1)
+    cols = [(u[..., i] * ax.size).long().clamp_(max=ax.size - 1) for i, ax in enumerate(plan.axes)]
     return torch.stack(cols, dim=-1)
 
 
