@@ -98,7 +98,11 @@ def _mode_patches(mode: str | None) -> dict[str, Any]:
 
 
 def _compile_inner(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str, mode: str | None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    inner: str,
+    mode: str | None,
+    configs: Sequence[SamplingConfig] | None = None,
 ) -> Callable[..., Any]:
     if inner == "eager":
         return gm.forward
@@ -108,26 +112,32 @@ def _compile_inner(
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {**_cpp_workarounds(), **_mode_patches(mode)}
+    patches = {**_cpp_workarounds(configs), **_mode_patches(mode)}
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-def _cpp_workarounds() -> dict[str, Any]:
-    """Inductor config patches for known C++ (CPU) code-generation bugs of older torch releases.
+def _cpp_workarounds(configs: Sequence[SamplingConfig] | None = None) -> dict[str, Any]:
+    """Inductor config patches for a C++ (CPU) code-generation bug of older torch releases.
 
-    torch 2.11's C++ backend emits a vectorised tail loop that reads an indirect index defined in
-    another scope (``'tmpN' was not declared in this scope``) for the random BS gather of a
-    channels-last tensor fused with its statistics; torch 2.13 compiles it. Turning the tail-loop
-    vectorisation off avoids it (tail loops only; the GPU/Triton path is unaffected). Users of
-    ``SampledBatchNormPass`` or ``convert_`` + ``torch.compile`` on such a torch set it themselves:
-    ``torch._inductor.config.cpp.enable_loop_tail_vec = False`` (docs/architecture.md).
+    torch 2.11's C++ backend tiles the random BS gather of a channels-last tensor (row index
+    depends on the channel's group) as a 2-D transpose whose indirect row index is declared in an
+    inner loop (``'tmpN' was not declared in this scope``); torch 2.13 compiles it. Vectorisation
+    off (``cpp.simdlen=1``) avoids the tiling. Applied on torch < 2.13 when one of ``configs``
+    (all, when ``None``) samples rows in groups at random; it slows the CPU code of that graph
+    and does not touch GPU (Triton) code. Users of ``SampledBatchNormPass`` or ``convert_`` +
+    ``torch.compile`` on such a torch set ``torch._inductor.config.cpp.simdlen = 1`` themselves
+    (docs/architecture.md).
     """
     import torch
     from torch.torch_version import TorchVersion
 
-    if TorchVersion(torch.__version__) < (2, 13):
-        return {"cpp.enable_loop_tail_vec": False}
-    return {}
+    if TorchVersion(torch.__version__) >= (2, 13):
+        return {}
+    if configs is not None and not any(
+        c.method == "bs" and c.sampling == "random" and c.groups > 1 for c in configs
+    ):
+        return {}
+    return {"cpp.simdlen": 1}
 
 
 def make_backend(
@@ -165,7 +175,8 @@ def make_backend(
             report = rewrite_graph(gm, cfg, **filters, lowering=lowering)
             gm.meta["bnrewrite"] = report
         reports.append(report)
-        return _compile_inner(gm, example_inputs, inner, mode)
+        configs = [cfg] + [SamplingConfig.coerce(v) for v in (overrides or {}).values() if v]
+        return _compile_inner(gm, example_inputs, inner, mode, configs)
 
     reports: list[Any] = []
     bnrewrite_compile.config = cfg  # type: ignore[attr-defined]

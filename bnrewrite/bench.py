@@ -803,6 +803,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .kernels import kernels_available, use_interpreter
 
+    if device == "cpu":  # this CLI's own process: the C++ code-generation workarounds apply here
+        from .backend import _cpp_workarounds
+
+        for key, value in _cpp_workarounds().items():
+            section, _, name = key.partition(".")
+            setattr(getattr(torch._inductor.config, section), name, value)
     kernels = False
     if device == "cuda":
         kernels = kernels_available()

@@ -237,6 +237,31 @@ def test_random_sampling_compiles_once(method: str, inner: str) -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow
+def test_inductor_random_bs_channels_last_matches_eager() -> None:
+    """Random grouped BS on a channels-last input with 32 channels under Inductor (CPU) equals the
+    eager FX rewrite with the same RNG stream (``fallback_random``): the case torch 2.11's C++
+    backend miscompiles without ``_cpp_workarounds``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 4, 1)).to(
+        memory_format=torch.channels_last
+    )
+    cfg = SamplingConfig("bs", ratio=0.25)
+    eager = bnrewrite.rewrite(model, cfg)
+    compiled = torch.compile(copy.deepcopy(model), backend=make_backend(cfg), fullgraph=True)
+    x = torch.randn(8, 32, 8, 8).to(memory_format=torch.channels_last)
+    outs = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for net in (eager, compiled):
+            xr = x.clone().requires_grad_()
+            torch.manual_seed(5)
+            y = net(xr)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            outs.append((y.detach(), xr.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)
+
+
 def test_dynamic_batch_sizes_compile_once() -> None:
     """``dynamic=True``: batch sizes 16, 24, 32 share one compiled graph (``error_on_recompile``
     from the first step). Sizes below 16 are avoided: PyTorch's CPU conv fake kernel guards on
