@@ -67,7 +67,7 @@ def config_from_str(text: str) -> SamplingConfig:
     return SamplingConfig.from_dict(json.loads(text))
 
 
-def _sampled_batch_norm_impl(
+def _estimator_args(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -77,75 +77,32 @@ def _sampled_batch_norm_impl(
     momentum: float,
     eps: float,
     config: str,
-) -> Tensor:
-    return _sampled_batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        config=config_from_str(config),
-    )
+) -> tuple[tuple[Any, ...], SamplingConfig]:
+    """The ops' arguments (aten's order) as the estimator's (``F.batch_norm``'s order) + config."""
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return args, config_from_str(config)
 
 
-def _sampled_batch_norm_functional_impl(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    training: bool,
-    momentum: float,
-    eps: float,
-    config: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    new_mean = running_mean.clone()
-    new_var = running_var.clone()
-    y = _sampled_batch_norm(
-        input,
-        new_mean,
-        new_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        config=config_from_str(config),
-    )
-    return y, new_mean, new_var
+def _sampled_batch_norm_impl(*op_args: Any) -> Tensor:
+    args, cfg = _estimator_args(*op_args)
+    return _sampled_batch_norm(*args, config=cfg)
+
+
+def _sampled_batch_norm_functional_impl(*op_args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    (x, running_mean, running_var, *rest), cfg = _estimator_args(*op_args)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    return _sampled_batch_norm(x, new_mean, new_var, *rest, config=cfg), new_mean, new_var
 
 
 def _fused_sampled_batch_norm_impl(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    config: str,
-    relu: bool = False,
-    residual: Tensor | None = None,
+    *op_args: Any, relu: bool = False, residual: Tensor | None = None
 ) -> Tensor:
     from .kernels.ops import fused_sampled_batch_norm  # the kernels load Triton lazily
 
-    return fused_sampled_batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        config=config_from_str(config),
-        relu=relu,
-        residual=residual,
-    )
+    if len(op_args) > 9:  # the dispatcher passes relu, residual positionally
+        relu, residual = op_args[9], op_args[10] if len(op_args) > 10 else residual
+    args, cfg = _estimator_args(*op_args[:9])
+    return fused_sampled_batch_norm(*args, config=cfg, relu=relu, residual=residual)
 
 
 def _register() -> Any:
