@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 from reference import ref_sample
 from torch import nn
+from zoo import BasicBlock
 
 __all__ = [
     "ort_session",
@@ -113,27 +114,13 @@ def reference_model(model: nn.Module, method: str, ratio: float) -> tuple[nn.Mod
 # -- models ------------------------------------------------------------------------------------
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.down(x))
-
-
 class ResNetish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
         )
-        self.block = _Block(8, 12, 2)
+        self.block = BasicBlock(8, 12, 2)
         self.fc = nn.Linear(12, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bnrewrite.passes.vdn import BatchMixingError, analyze, rewrite_vdn  # noqa: E402
 from reference import ref_sample  # noqa: E402
-from zoo import zoo_entry  # noqa: E402
+from zoo import ReduceOverBatch, zoo_entry  # noqa: E402
 
 from bnrewrite import SamplingConfig  # noqa: E402
 
@@ -260,18 +260,6 @@ def test_several_batch_inputs_get_virtual_rows_consistently():
 
 
 # -- acceptance 4: refusals ---------------------------------------------------------------------
-class ReduceOverBatch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv(x)
-        centred = h - h.mean(0, keepdim=True)  # a reduction over the batch dim
-        return self.bn(centred)
-
-
 class LiteralView(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from zoo import zoo_entry  # noqa: E402
+from zoo import ReduceOverBatch, zoo_entry  # noqa: E402
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -79,17 +79,6 @@ def test_onnx_random_rows_fresh_each_run():
     a = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     b = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert a.shape == tuple(x.shape[:1]) + a.shape[1:] and not np.array_equal(a, b)
-
-
-class ReduceOverBatch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv(x)
-        return self.bn(h - h.mean(0, keepdim=True))
 
 
 def test_onnx_batch_mixing_refused():

@@ -40,6 +40,7 @@ __all__ = [
     "assert_close_results",
     "zoo_entry",
     "SmallResNet",
+    "ReduceOverBatch",
 ]
 
 
@@ -302,6 +303,19 @@ class SmallResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.block2(self.block1(self.stem(x)))
         return self.fc(h.mean(dim=(2, 3)))
+
+
+class ReduceOverBatch(nn.Module):
+    """Mixes samples (a mean over the batch dim before the BN): VDN must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return self.bn(h - h.mean(0, keepdim=True))  # a reduction over the batch dim
 
 
 @dataclasses.dataclass(frozen=True)
