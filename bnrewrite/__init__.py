@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _source_checkout  # noqa: F401  (bnrewrite.passes from a plain checkout)
 from .config import SamplingConfig
 from .estimators import sampled_batch_norm
 from .modules import SampledBatchNorm1d, SampledBatchNorm2d, SampledBatchNorm3d, convert_
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 
 def rewrite(obj: Any, config: Any = None, **kwargs: Any) -> Any:
-    """Rewrite the training-mode BatchNorm of a model or graph (see :mod:`bnrewrite.passes.fx`)."""
-    from .passes.fx import rewrite as _rewrite
+    """Rewrite the training-mode BatchNorm of a model or graph (see :mod:`bnrewrite.passes.dispatch`)."""
+    from .passes.dispatch import rewrite as _rewrite
 
     return _rewrite(obj, config, **kwargs)

@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from bnrewrite.ops import fused_sampled_batch_norm_op
 
-__all__ = ["is_relu", "residual_operand", "fuse_epilogues"]
+__all__ = ["accepts_epilogue", "is_relu", "residual_operand", "fuse_epilogues"]
 
 aten = torch.ops.aten
 
@@ -122,13 +122,21 @@ def _match(gm: fx.GraphModule | None, node: fx.Node) -> tuple[fx.Node, fx.Node |
     return relu, user, z
 
 
+def accepts_epilogue(module: nn.Module) -> bool:
+    """The module protocol of a fused BN: a BatchNorm whose class declares ``fuse_relu: bool``
+    and whose ``forward(input, residual=None)`` applies ``relu(BN(input) [+ residual])`` when the
+    instance's ``fuse_relu`` is set (``bnrewrite.kernels.FusedSampledBatchNormNd``). Checked by
+    attribute, so this pass needs nothing from the layer that implements it."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(
+        getattr(type(module), "fuse_relu", None), bool
+    )
+
+
 def _fused_module(gm: fx.GraphModule, node: fx.Node) -> Any:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
-    from bnrewrite.kernels.modules import _FusedMixin  # kernels import this module lazily
-
     mod = gm.get_submodule(str(node.target))
-    return mod if isinstance(mod, _FusedMixin) and not mod.fuse_relu else None
+    return mod if accepts_epilogue(mod) and not mod.fuse_relu else None
 
 
 def fuse_epilogues(graph_or_module: fx.Graph | fx.GraphModule) -> list[tuple[str, str]]:

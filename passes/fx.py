@@ -614,9 +614,10 @@ def rewrite(
     return_report: bool = False,
     tracer_kwargs: Mapping[str, Any] | None = None,
     lowering: str = "torch",
-    **vdn_options: Any,
 ) -> Any:
-    """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram.
+    """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram, node by
+    node (every method but ``vdn`` / ``fs_vdn``, which need the whole graph:
+    :func:`bnrewrite.passes.vdn.rewrite_vdn`; :func:`bnrewrite.rewrite` picks the right one).
 
     * ``nn.Module`` -> ``GraphModule`` (``torch.fx.symbolic_trace``; the model is deep-copied first
       unless ``inplace=True``, in which case the GraphModule shares its submodules).
@@ -632,31 +633,15 @@ def rewrite(
     ``lowering="kernels"``: the rewritten BN run the fused Triton kernels on CUDA, with ReLU and
     residual-add + ReLU epilogues fused (see :func:`rewrite_graph`); ``"torch"`` (default): the
     estimator as aten ops.
-
-    ``vdn`` / ``fs_vdn`` configs go to the whole-graph pass
-    (:func:`bnrewrite.passes.vdn.rewrite_vdn`), which also takes ``vdn_options``.
     """
     cfg = SamplingConfig.coerce(config)
     check_lowering(lowering, cfg)
-    opts = {"include": include, "exclude": exclude, "overrides": overrides}
     if cfg.uses_virtual_rows:
-        # VDN carries virtual rows through the whole network: the whole-graph pass does it.
-        from .vdn import rewrite_vdn
-
-        return rewrite_vdn(
-            obj,
-            cfg,
-            inplace=inplace,
-            return_report=return_report,
-            tracer_kwargs=tracer_kwargs,
-            **opts,
-            **vdn_options,
-        )
-    if vdn_options:
         raise ValueError(
-            f"options {sorted(vdn_options)} apply to method 'vdn' / 'fs_vdn' only, "
-            f"not to {cfg.method!r}"
+            f"method {cfg.method!r} carries virtual rows through the whole graph: use "
+            f"bnrewrite.rewrite(model, cfg) or bnrewrite.passes.vdn.rewrite_vdn"
         )
+    opts = {"include": include, "exclude": exclude, "overrides": overrides}
     export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
     if export_cls is not None and isinstance(obj, export_cls):
         result, report = _rewrite_exported(obj, cfg, {**opts, "lowering": lowering})

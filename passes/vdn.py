@@ -58,7 +58,10 @@ from bnrewrite.config import SamplingConfig
 from bnrewrite.estimators import fixed_virtual_rows
 
 from .fx import RewriteReport, rewrite_node
-from .vdn_analysis import Analysis, BatchMixingError, _is_guard, _val, analyze
+from .vdn_analysis import Analysis, analyze
+from .vdn_flow import BatchMixingError
+from .vdn_flow import value_of as _val
+from .vdn_rules import is_guard as _is_guard
 
 __all__ = [
     "BatchMixingError",
