@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["CLIError", "main", "add_sampling_arguments", "config_from_args"]
+__all__ = ["CLIError", "CommandImportError", "main", "add_sampling_arguments", "config_from_args"]
 
 
 class CLIError(Exception):
@@ -48,20 +48,25 @@ def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
 # Only the module of the command being run is imported, so ``bnrewrite onnx`` does not pay for
 # matplotlib or triton.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("bnrewrite.demo", "train BN vs every sampling method on embedded real data"),
-    "diagnose": ("bnrewrite.diagnose", "per-layer estimation error of each method"),
-    "bench": ("bnrewrite.bench", "benchmark table: sampled BN vs cuDNN vs torch.compile"),
+    "demo": ("bnrewrite.apps.demo", "train BN vs every sampling method on embedded real data"),
+    "diagnose": ("bnrewrite.apps.diagnose", "per-layer estimation error of each method"),
+    "bench": ("bnrewrite.apps.bench", "benchmark table: sampled BN vs cuDNN vs torch.compile"),
     "onnx": ("bnrewrite.onnx.cli", "rewrite the training BatchNormalization of an ONNX model"),
 }
 
 
+class CommandImportError(Exception):
+    """The module of a subcommand failed to import: a broken install, not a user error."""
+
+
 def _load(name: str):
+    module = COMMANDS[name][0]
     try:
-        return importlib.import_module(COMMANDS[name][0])
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("bnrewrite"):
-            return None
-        raise
+        return importlib.import_module(module)
+    except ImportError as e:  # reported as what it is, never as an unknown command
+        raise CommandImportError(
+            f"bnrewrite {name}: cannot import {module}: {type(e).__name__}: {e}"
+        ) from e
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,18 +90,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    mod = _load(args.command)
-    if mod is None:
-        print(
-            f"bnrewrite: error: '{args.command}' is not available in this version yet",
-            file=sys.stderr,
-        )
-        return 2
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        mod = _load(args.command)
+    except CommandImportError as e:
+        print(f"{e} (a broken installation: reinstall bnrewrite)", file=sys.stderr)
+        return 1
     run: Callable[[argparse.Namespace], int] = mod.run
     try:
         return int(run(args) or 0)

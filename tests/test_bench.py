@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnrewrite import bench
+from bnrewrite.apps import bench
+from bnrewrite.apps.resnet50 import bn_shapes, resnet50
 from bnrewrite.cli import main
-from bnrewrite.resnet50 import bn_shapes, resnet50
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from bnrewrite import SampledBatchNorm2d, SamplingConfig
-from bnrewrite.cli import main
-from bnrewrite.datasets import CIFAR10_FILES, load_cifar10, load_digits
-from bnrewrite.demo import (
+from bnrewrite.apps.datasets import CIFAR10_FILES, load_cifar10, load_digits
+from bnrewrite.apps.demo import (
     DEFAULT_METHODS,
     GAP_TARGETS,
     MICRO_METHODS,
@@ -31,6 +30,7 @@ from bnrewrite.demo import (
     summarize,
     vdn_available,
 )
+from bnrewrite.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -254,3 +254,47 @@ def test_summary_gap_and_targets():
     assert GAP_TARGETS == {"bs": 1.0, "fs": 1.0, "ns": 3.0, "vdn": 3.0}
     table = format_table(list(rows.values()))
     assert "✗ missed" in table and "✓" in table and "n/a" in table
+
+
+def test_demo_to_a_file_writes_no_progress_bar_noise(tmp_path):
+    """``bnrewrite demo > log 2>&1``: plain lines, one per epoch and run, no carriage returns."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        res = subprocess.run(
+            [sys.executable, "-m", "bnrewrite", "demo", "--quick", "--methods", "bn,bs",
+             "--epochs", "2", "--seeds", "1", "--out", str(tmp_path / "o")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            timeout=600,
+        )  # fmt: skip
+    text = log.read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text and "\x1b[" not in text
+    progress = [line for line in text.splitlines() if ": step " in line]
+    assert len(progress) == 2 * 2  # two methods x two epochs, one seed
+    assert all("test_acc=" in line for line in progress)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    import io
+
+    from bnrewrite.apps.demo import _progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    lines = io.StringIO()
+    bar = _progress(4, "bs seed 0", True, lines)
+    with bar:
+        bar.update(4)
+        bar.set_postfix(loss="0.5", test_acc="90.0")
+    assert lines.getvalue() == "bs seed 0: step 4/4 loss=0.5 test_acc=90.0\n"
+    tty = Tty()
+    with _progress(4, "bs seed 0", True, tty) as bar:
+        bar.update(4)
+    assert "\r" in tty.getvalue()  # tqdm redraws in place on a terminal

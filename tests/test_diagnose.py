@@ -17,9 +17,9 @@ import json
 import pytest
 import torch
 
+from bnrewrite.apps.datasets import load_digits
+from bnrewrite.apps.diagnose import ESTIMATORS, estimator_plan, run_diagnostics, train_bn_model
 from bnrewrite.cli import main
-from bnrewrite.datasets import load_digits
-from bnrewrite.diagnose import ESTIMATORS, estimator_plan, run_diagnostics, train_bn_model
 from bnrewrite.plan import sample_plan
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_diagnose_on_a_local_cifar10_copy(tmp_path):
 
     import numpy as np
 
-    from bnrewrite.datasets import CIFAR10_FILES
+    from bnrewrite.apps.datasets import CIFAR10_FILES
 
     rng = np.random.default_rng(0)
     for name in CIFAR10_FILES:

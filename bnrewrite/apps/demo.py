@@ -1,7 +1,7 @@
 """``bnrewrite demo``: does a model trained with sampled BN statistics still reach BN's accuracy?
 
-Trains a small ResNet (:mod:`bnrewrite.models`) on real data that needs no download --
-scikit-learn's bundled 8x8 digits (:mod:`bnrewrite.datasets`), or CIFAR-10 from ``--data-dir`` --
+Trains a small ResNet (:mod:`bnrewrite.apps.models`) on real data that needs no download --
+scikit-learn's bundled 8x8 digits (:mod:`bnrewrite.apps.datasets`), or CIFAR-10 from ``--data-dir`` --
 once with plain BatchNorm and once per method, for several seeds, and writes:
 
 * ``table.md``  -- method, final test accuracy (mean +- std over seeds), gap to BN in points,
@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SamplingConfig, parse_ratio
+from ..config import SamplingConfig, parse_ratio
 from .datasets import Dataset, load_dataset
 
 __all__ = [
@@ -174,14 +175,14 @@ def apply_method(model: nn.Module, config: SamplingConfig | None, via: str = "fx
     if config.uses_virtual_rows:
         if not vdn_available():
             raise MethodUnavailable(f"not available yet ({VDN_MODULE} is not importable)")
-        from .passes.vdn import rewrite_vdn
+        from ..passes.vdn import rewrite_vdn
 
         return rewrite_vdn(model, config)
     if via == "fx" and fx_available():
-        from . import rewrite
+        from .. import rewrite
 
         return rewrite(model, config)
-    from .modules import convert_
+    from ..modules import convert_
 
     return convert_(model, config)
 
@@ -335,12 +336,33 @@ class _NoBar(contextlib.nullcontext):
         pass
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+class _EpochLines(_NoBar):
+    """Progress for a file or CI log: one plain line per epoch on stderr, no carriage returns."""
+
+    def __init__(self, total: int, desc: str, stream: Any) -> None:
+        super().__init__()
+        self.total, self.desc, self.stream, self.steps = total, desc, stream, 0
+
+    def update(self, n: int = 1) -> None:
+        self.steps += n
+
+    def set_postfix(self, **kw: Any) -> None:
+        fields = " ".join(f"{k}={v}" for k, v in kw.items())
+        print(f"{self.desc.strip()}: step {self.steps}/{self.total} {fields}", file=self.stream)
+        self.stream.flush()
+
+
+def _progress(total: int, desc: str, enabled: bool, stream: Any = None) -> Any:
+    """A tqdm bar on a terminal; one line per epoch when stderr is a file or a pipe."""
     if not enabled:
         return _NoBar()
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return _EpochLines(total, desc, stream)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=stream)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -673,7 +695,7 @@ def parse_ratio_flags(flags: Sequence[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import CLIError
+    from ..cli import CLIError
 
     batch = args.batch_size
     if batch < 2:

@@ -134,7 +134,7 @@ def _parse_shapes(text: str | None, small: bool, batch: int) -> list[tuple[int, 
 
 
 def _parse_methods(text: str) -> list[tuple[str, str, float]]:
-    from .config import SamplingConfig, parse_ratio
+    from ..config import SamplingConfig, parse_ratio
 
     out = []
     for item in text.split(","):
@@ -193,9 +193,9 @@ def _free() -> None:
 def _checks(device: str, dtype: Any, small: bool) -> list[dict[str, Any]]:
     import torch
 
-    from .config import SamplingConfig
-    from .estimators import sampled_batch_norm
-    from .kernels import can_use_kernels, fused_sampled_batch_norm
+    from ..config import SamplingConfig
+    from ..estimators import sampled_batch_norm
+    from ..kernels import can_use_kernels, fused_sampled_batch_norm
 
     shapes = [(4, 12, 6, 6)] if small else [(32, 256, 28, 28), (16, 64, 56, 56), (64, 2048, 7, 7)]
     out = []
@@ -263,9 +263,9 @@ def _layer_variants(
     import torch
     import torch.nn.functional as F
 
-    from .config import SamplingConfig
-    from .estimators import sampled_batch_norm
-    from .kernels import fused_sampled_batch_norm
+    from ..config import SamplingConfig
+    from ..estimators import sampled_batch_norm
+    from ..kernels import fused_sampled_batch_norm
 
     C = shape[1]
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -422,9 +422,9 @@ def _e2e_variant(
     import torch
     import torch.nn.functional as F
 
-    from . import convert_
-    from .config import SamplingConfig
-    from .kernels import convert_fused_
+    from .. import convert_
+    from ..config import SamplingConfig
+    from ..kernels import convert_fused_
     from .resnet50 import ResNet50, resnet50
 
     device = ctx["device"]
@@ -446,13 +446,13 @@ def _e2e_variant(
     compile_ = ctx["e2e_compile"]
     net: Any = model
     if kind == "fused+relu":  # BN -> ReLU pairs run as one fused op (33 of ResNet-50's 53 BNs)
-        from .kernels import fuse_relu
+        from ..kernels import fuse_relu
 
         net = fuse_relu(model)
     if compile_ and kind.startswith("backend"):
         # torch.compile(backend="bnrewrite", options={..., "lowering": ...}) is make_backend(cfg)
         # with Inductor; calling it directly also works when the entry point is not installed
-        from .backend import make_backend
+        from ..backend import make_backend
 
         lowering = "kernels" if kind == "backend+kernels" else "torch"
         runner = torch.compile(
@@ -558,7 +558,7 @@ def _e2e(
         _e2e_run(names, ctx, budget, result, out, batch, size, steps)
         return
     out: dict[str, Any] = {
-        "model": "resnet50 (torchvision architecture, bnrewrite.resnet50)"
+        "model": "resnet50 (torchvision architecture, bnrewrite.apps.resnet50)"
         if not small
         else "resnet50 blocks, one per stage (small mode)",
         "batch": batch,
@@ -623,10 +623,10 @@ def _breakdown(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str
         return
     import torch
 
-    from .config import SamplingConfig
-    from .estimators import draw_offsets
-    from .kernels import fused_bn_backward, fused_bn_forward
-    from .plan import sample_plan
+    from ..config import SamplingConfig
+    from ..estimators import draw_offsets
+    from ..kernels import fused_bn_backward, fused_bn_forward
+    from ..plan import sample_plan
 
     out: list[dict[str, Any]] = []
     result["breakdown"] = out
@@ -695,7 +695,7 @@ def _tune(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any
         return
     import torch
 
-    from .kernels.ops import tuning
+    from ..kernels.ops import tuning
 
     methods = _parse_methods(args.methods)[:1]
     label = methods[0][0]
@@ -764,25 +764,9 @@ def _sections(args: argparse.Namespace) -> set[str]:
     return out
 
 
-def _ensure_passes_importable() -> None:
-    """``bnrewrite.passes`` lives in ``passes/`` (package-dir); from a plain checkout on
-    ``PYTHONPATH`` (no install, as on the GPU machine if pip cannot install) make it importable."""
-    import importlib.util
-    from pathlib import Path
-
-    import bnrewrite
-
-    if importlib.util.find_spec("bnrewrite.passes") is not None:
-        return
-    root = Path(bnrewrite.__file__).resolve().parents[1]
-    if (root / "passes" / "__init__.py").exists():
-        bnrewrite.__path__.append(str(root))  # bnrewrite.passes -> <root>/passes
-
-
 def run(args: argparse.Namespace) -> int:
     budget = _Budget(args.budget_s)
     _sections(args)  # bad values: one line, before any output
-    _ensure_passes_importable()
     if args.interpret:
         if args.device == "cuda":
             raise ValueError("--interpret runs the kernels on the CPU; drop --device cuda")
@@ -801,10 +785,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, _DTYPES[dtype_name])
     batch = args.batch or (4 if small else 256)
 
-    from .kernels import kernels_available, use_interpreter
+    from ..kernels import kernels_available, use_interpreter
 
     if device == "cpu":  # this CLI's own process: the C++ code-generation workarounds apply here
-        from .backend import _cpp_workarounds
+        from ..backend import _cpp_workarounds
 
         for key, value in _cpp_workarounds().items():
             section, _, name = key.partition(".")

@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import SamplingConfig, parse_ratio
+from ..config import SamplingConfig, parse_ratio
+from ..estimators import draw_offsets, normalize, sample_statistics
+from ..plan import SamplePlan, sample_plan
 from .datasets import Dataset, load_dataset
-from .estimators import draw_offsets, normalize, sample_statistics
-from .plan import SamplePlan, sample_plan
 
 __all__ = [
     "HELP",
@@ -428,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import CLIError
+    from ..cli import CLIError
 
     ratio = parse_ratio(args.ratio)
     SamplingConfig(method="bs", ratio=ratio, groups=args.groups)  # validates ratio and groups
