@@ -60,7 +60,7 @@ __all__ = ["rewrite_vdn_onnx"]
 _UNARY = set(
     """
     Relu LeakyRelu Sigmoid Tanh Elu Selu Celu Gelu HardSigmoid HardSwish Softplus Softsign Exp Log
-    Sqrt Reciprocal Neg Abs Erf Identity Cast CastLike Floor Ceil Round Sign Mish ThresholdedRelu
+    Sqrt Reciprocal Neg Abs Erf Identity Cast Floor Ceil Round Sign Mish ThresholdedRelu
     Shrink Not IsNaN IsInf Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh Dropout
     """.split()
 )
@@ -82,6 +82,21 @@ _REDUCE = set(
     ReduceSumSquare ReduceLogSum
     """.split()
 )
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node in any of its attribute forms (``value``,
+    ``value_int(s)``, ``value_float(s)``), else ``None``."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_int", "value_ints"):
+            return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.int64)
+        if attr.name in ("value_float", "value_floats"):
+            return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -108,8 +123,9 @@ class _Onnx:
             i.name: numpy_helper.to_array(i) for i in self.graph.initializer
         }
         for node in self.graph.node:
-            if node.op_type == "Constant" and _attr(node, "value") is not None:
-                self.consts[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+            value = _constant_value(node)
+            if value is not None:
+                self.consts[node.output[0]] = value
         inits = {i.name for i in self.graph.initializer}
         names = [i.name for i in self.graph.input if i.name not in inits]
         if batch_inputs is not None:
@@ -185,6 +201,8 @@ class _Onnx:
         x = node.input[0]
         if node.domain not in ("", "ai.onnx"):
             self.refuse(node, index, "is a custom-domain op the VDN analysis does not know")
+        if op == "CastLike":  # input 1 only donates its dtype
+            return x in self.batch
         if op in _UNARY:
             if x not in self.batch:
                 self.refuse(node, index, "takes batch-carrying secondary inputs")

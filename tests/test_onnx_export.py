@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 
 import numpy as np
 import onnx
@@ -69,16 +70,20 @@ def _bn_order(ref: torch.nn.Module, refs, x: torch.Tensor) -> list[tuple[str, Re
     return [(n, by_name[n]) for n in order]
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_export_fixed_sampling_equals_torch_and_reference(model_name, cfg_name, tmp_path) -> None:
+def test_export_fixed_sampling_equals_torch_and_reference(
+    model_name, cfg_name, exporter, tmp_path
+) -> None:
+    """Both export routes: the same ONNX semantics, the same parity in onnxruntime."""
     factory, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = randomize_bn(factory())
     cfg = CONFIGS[cfg_name]
     x = torch.randn(shape) * 1.5 + 0.3
     path = tmp_path / "model.onnx"
-    proto = bo.export(model, (x,), path, config=cfg, running_stats_outputs=True)
+    proto = bo.export(model, (x,), path, config=cfg, running_stats_outputs=True, exporter=exporter)
     assert os.listdir(tmp_path) == ["model.onnx"]  # no temporary file left
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert count_ops(proto, "BatchNormalization") == 0
@@ -231,8 +236,8 @@ def test_onnxruntime_pitfalls() -> None:
 
 @pytest.mark.slow
 def test_dynamo_exporter_drops_training_bn() -> None:
-    """Why ``export`` uses the TorchScript exporter: torch's default (dynamo) exporter emits
-    inference BN (or none, folded into the Conv) even with ``training=TRAINING``."""
+    """Why ``export`` gives torch's (dynamo) exporter a translation table of its own: by default
+    it emits inference BN (or none, folded into the Conv) even with ``training=TRAINING``."""
     pytest.importorskip("onnxscript")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     try:
@@ -251,7 +256,8 @@ def test_dynamo_exporter_drops_training_bn() -> None:
             assert not attrs.get("training_mode", 0)
 
 
-def test_dangling_running_statistics_are_dropped() -> None:
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dangling_running_statistics_are_dropped(exporter) -> None:
     """With ``track_running_stats=False`` the exporter feeds full-batch statistics into the BN's
     running inputs; only the dangling running outputs read them, so after the rewrite those full
     reductions are dead code and must be gone (else the sampled BN saves nothing)."""
@@ -260,10 +266,11 @@ def test_dangling_running_statistics_are_dropped() -> None:
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
     )
     x = torch.randn(8, 3, 8, 8)
-    plain = bo.export(model, (x,), io.BytesIO())
+    plain = bo.export(model, (x,), io.BytesIO(), exporter=exporter)
     assert count_ops(plain, "ReduceMean") == 3
+    assert count_ops(plain, "BatchNormalization") == 1  # a training BN, for the rule to find
     cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
-    proto = bo.export(model, (x,), io.BytesIO(), config=cfg)
+    proto = bo.export(model, (x,), io.BytesIO(), config=cfg, exporter=exporter)
     assert count_ops(proto, "ReduceMean") == 0  # the full reductions are gone
     assert count_ops(proto, "ReduceSum") == 2  # the sampled mean and variance only
     ref, _ = reference_model(model, "bs", 0.25)
@@ -300,3 +307,35 @@ def test_eval_mode_bn_inside_training_model_is_left_alone() -> None:
     with torch.no_grad():
         y_fx = bnrewrite.rewrite(copy.deepcopy(model), cfg)(x).numpy()
     np.testing.assert_allclose(y, y_fx, rtol=1e-4, atol=1e-4)
+
+
+def test_default_exporter_is_the_torch_export_route() -> None:
+    """``exporter="auto"`` takes torch's supported exporter where it works (its graph names the
+    nodes after the aten ops; the TorchScript one after the modules, ``/1/BatchNormalization``)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        proto = bo.export(model, torch.randn(4, 3, 6, 6), io.BytesIO())
+    (bn,) = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert "native_batch_norm" in bn.name
+    assert proto.opset_import[0].version >= 18
+    legacy = bo.export(model, torch.randn(4, 3, 6, 6), io.BytesIO(), exporter="torchscript")
+    (bn,) = [n for n in legacy.graph.node if n.op_type == "BatchNormalization"]
+    assert bn.name.startswith("/1/")
+
+
+def test_what_the_torch_export_route_cannot_do() -> None:
+    """``BatchNorm(momentum=None)`` reads a buffer's value (``1 / num_batches_tracked``), which
+    ``torch.export`` cannot capture: ``exporter="dynamo"`` says so and names the way out,
+    ``"auto"`` falls back to the TorchScript exporter with a warning, and both give the same model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5, momentum=None))
+    x = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="exporter='torchscript'"):
+        bo.export(model, x, io.BytesIO(), exporter="dynamo")
+    with pytest.warns(UserWarning, match="used the TorchScript exporter instead"):
+        auto = bo.export(model, x, io.BytesIO(), config="bs")
+    legacy = bo.export(model, x, io.BytesIO(), config="bs", exporter="torchscript")
+    assert [n.op_type for n in auto.graph.node] == [n.op_type for n in legacy.graph.node]
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        bo.export(model, x, io.BytesIO(), exporter="jit")

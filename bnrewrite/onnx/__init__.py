@@ -36,6 +36,7 @@ from ..passes.onnx_sampled_batchnorm import (
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EXPORTERS",
     "RewriteReport",
     "declare_running_stats_outputs",
     "export",
@@ -94,8 +95,29 @@ def _rewrite_ir(model: ir.Model, cfg: SamplingConfig) -> RewriteReport:
         # Running statistics nobody reads (the exporter leaves them dangling) and their inputs
         # are dead code now: drop them. Declared or used ones are kept under their names.
         ir_common.RemoveUnusedNodesPass()(model)
+        _trim_copied_provenance(model)
     logger.info("bnrewrite.onnx: %s", report.summary())
     return report
+
+
+#: Per-node provenance that torch's exporter writes (stack trace, module path, FX node) and
+#: onnxscript's rewriter copies onto every node a rule creates: ~0.9 kB a node, and a BN becomes
+#: 15-40 nodes (3x the file size). One copy is enough: the first node of each replacement keeps
+#: it, the others keep the rule's name only.
+_RULE_NAME = "pkg.onnxscript.rewriter.rule_name"
+
+
+def _trim_copied_provenance(model: ir.Model) -> None:
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        props = node.metadata_props
+        if _RULE_NAME not in props:
+            continue
+        key = tuple(sorted((k, v) for k, v in props.items() if k != _RULE_NAME))
+        if key in seen:
+            for k in [k for k in props if k != _RULE_NAME]:
+                del props[k]
+        seen.add(key)
 
 
 def rewrite_with_report(
@@ -210,6 +232,100 @@ def write_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> 
         raise
 
 
+#: ``export(exporter=...)``: ``"auto"`` (the torch.export-based exporter, falling back to the
+#: TorchScript one where it cannot export the model), ``"dynamo"`` or ``"torchscript"``.
+EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
+
+
+def _export_dynamo(
+    model: Any, args: tuple[Any, ...], opset: int, input_names: Any, output_names: Any
+) -> onnx.ModelProto:
+    """torch's supported exporter (``dynamo=True``), training BN kept by our translation table."""
+    import torch
+
+    from ._dynamo_export import translations
+
+    stderr = io.StringIO()  # torch.export prints a failing graph there; the error says why
+    with warnings.catch_warnings(), _quiet_torch_onnx(), contextlib.redirect_stderr(stderr):
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            custom_translation_table=translations(),
+            optimize=False,  # the optimiser folds a training BN into the Conv before we see it
+            opset_version=max(opset, 18),
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
+            verbose=False,
+        )
+    # Fold the constant subgraphs the exporter leaves (reduction axes built by Reshape, casts of
+    # literals) and nothing else: the full optimiser would fold a training BN into its Conv.
+    from onnxscript.optimizer import fold_constants
+
+    model_ir = ir.serde.deserialize_model(program.model_proto)
+    fold_constants(model_ir)
+    ir_common.RemoveUnusedNodesPass()(model_ir)
+    return ir.serde.serialize_model(model_ir)
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx():
+    """torch.onnx logs its progress on the root handlers at WARNING; keep the user's log clean."""
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _has_torchscript_exporter() -> bool:
+    import torch
+
+    return hasattr(torch.onnx, "TrainingMode") and hasattr(torch.jit, "TracerWarning")
+
+
+def _export_torchscript(
+    model: Any, args: tuple[Any, ...], opset: int, input_names: Any, output_names: Any
+) -> onnx.ModelProto:
+    """torch's deprecated TorchScript exporter (``dynamo=False``), kept while torch has it."""
+    import torch
+
+    if not _has_torchscript_exporter():
+        raise ValueError(
+            "exporter='torchscript': this torch has no TorchScript ONNX exporter; use "
+            "exporter='dynamo' (the torch.export-based route)"
+        )
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated and warns about it; keep the user's log clean.
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            args,
+            buffer,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,  # train mode set by the context
+            do_constant_folding=False,
+            opset_version=opset,
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def export(
     model: Any,
     args: Any,
@@ -220,18 +336,23 @@ def export(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     running_stats_outputs: bool = False,
+    exporter: str = "auto",
 ) -> onnx.ModelProto:
     """Export ``model`` in training mode with training ``BatchNormalization``, rewritten if ``config``.
 
-    Uses torch's TorchScript ("legacy") exporter, ``dynamo=False``, without constant folding:
-    torch's default (dynamo) exporter ignores ``training=`` and emits inference BN folded into the
-    Conv. A module in eval mode is put in train mode for the export; in a module already in train
-    mode, BN layers the user set to eval mode stay inference BN (the exporter runs with
-    ``TrainingMode.PRESERVE``, as ``TRAINING`` would switch every submodule to train mode) and the
-    rewrite leaves them alone. The trace runs the module once, which updates the BN buffers; modes
-    and buffers are restored afterwards and the exported running statistics are the values from
-    before the call. ``f`` is a path (written atomically) or a binary file object. Returns the
-    written ``ModelProto``.
+    ``exporter`` (:data:`EXPORTERS`): ``"dynamo"`` is torch's supported, ``torch.export``-based
+    exporter with a translation table that keeps training BN (:mod:`._dynamo_export`; torch's own
+    table emits inference BN), at opset ``max(opset, 18)``; ``"torchscript"`` is torch's
+    deprecated TorchScript exporter (``dynamo=False``, no constant folding), at ``opset``;
+    ``"auto"`` (default) uses ``"dynamo"`` and falls back, with a warning that says why, to
+    ``"torchscript"`` for a model ``torch.export`` cannot capture (e.g. ``BatchNorm(momentum=None)``,
+    whose factor depends on a buffer's value). Both give the same ONNX semantics (docs/onnx.md).
+
+    A module in eval mode is put in train mode for the export; in a module already in train
+    mode, BN layers the user set to eval mode stay inference BN and the rewrite leaves them alone.
+    Modes and buffers are restored afterwards and the exported running statistics are the values
+    from before the call (the TorchScript exporter runs the module once). ``f`` is a path (written
+    atomically) or a binary file object. Returns the written ``ModelProto``.
 
     The exporter leaves the updated running statistics of each BN as unused node outputs;
     ``running_stats_outputs=True`` declares them as graph outputs (after the model's outputs, two
@@ -239,26 +360,36 @@ def export(
     """
     import torch
 
+    if exporter not in EXPORTERS:
+        raise ValueError(
+            f"exporter must be one of {', '.join(map(repr, EXPORTERS))}, got {exporter!r}"
+        )
     cfg = None if config is None else _coerce_config(config)
     if isinstance(args, torch.Tensor):
         args = (args,)
-    buffer = io.BytesIO()
-    with _training_mode_preserved(model) as saved, warnings.catch_warnings():
-        # The TorchScript exporter is deprecated and warns about it; keep the user's log clean.
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            model,
-            tuple(args),
-            buffer,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,  # train mode set by the context
-            do_constant_folding=False,
-            opset_version=opset,
-            input_names=list(input_names) if input_names else None,
-            output_names=list(output_names) if output_names else None,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    args = tuple(args)
+    names = (input_names, output_names)
+    with _training_mode_preserved(model) as saved:
+        if exporter == "torchscript":
+            proto = _export_torchscript(model, args, opset, *names)
+        else:
+            try:
+                proto = _export_dynamo(model, args, opset, *names)
+            except torch.onnx.OnnxExporterError as e:
+                why = _first_line(e)
+                if exporter == "dynamo" or not _has_torchscript_exporter():
+                    raise ValueError(
+                        f"the torch.export-based ONNX exporter cannot export this model ({why}); "
+                        f"make the model exportable with torch.export, or pass "
+                        f"exporter='torchscript' while torch still has that exporter"
+                    ) from e
+                warnings.warn(
+                    f"bnrewrite.onnx.export: the torch.export-based exporter cannot export this "
+                    f"model ({why}); used the TorchScript exporter instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                proto = _export_torchscript(model, args, opset, *names)
     _restore_initializers(proto, saved)
     if running_stats_outputs:
         declare_running_stats_outputs(proto)
