@@ -58,25 +58,43 @@ def test_wheel_maps_passes_into_the_package(tmp_path):
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "[torch_dynamo_backends]" in text and "bnrewrite = bnrewrite.backend" in text
     assert "[console_scripts]" in text and "bnrewrite = bnrewrite.cli:main" in text
-    target = tmp_path / "site"
+    # A fresh venv holding only the wheel; its dependencies (torch, onnx, ...) are this
+    # environment's site-packages, added by a .pth line (whose own .pth files, such as the
+    # editable install's finder, are not processed there).
+    import sysconfig
+    import venv
+
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         str(wheel)],
         check=True,
         capture_output=True,
+    )  # fmt: skip
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     )
-    where, top = _probe(str(target), tmp_path)
-    assert where == str(target / "bnrewrite" / "passes" / "__init__.py")
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    out = subprocess.run(
+        [str(python), "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    where, top = out.stdout.split()
+    assert where == str(site / "bnrewrite" / "passes" / "__init__.py")
     assert top == "None"
+    res = subprocess.run(
+        [str(python), "-m", "bnrewrite", "onnx", "--help"], cwd=tmp_path, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert res.returncode == 0 and "--method" in res.stdout, res.stderr
+    installed = {p.relative_to(site).as_posix() for p in (site / "bnrewrite").rglob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == installed
 
 
 def _checkout_copy(tmp_path: Path) -> Path:
