@@ -9,7 +9,7 @@ Methods (Chen et al., TNNLS 2021):
 * ``ns``     -- naive sampling: ``k = take(N, ratio)`` whole samples, the same for every channel.
 * ``bs``     -- batch sampling: ``k`` whole samples; each of ``groups`` channel groups draws its own.
 * ``fs``     -- feature sampling: about ``ratio`` of every feature map's positions, for all samples;
-  each channel group draws its own positions. For ``(N, C)`` inputs ``fs`` is ``bs``.
+  each channel group draws its own positions.
 * ``vdn``    -- virtual dataset normalisation: statistics from ``vdn_samples`` virtual rows only.
 * ``fs_vdn`` -- the ``fs`` elements of the real rows together with every element of the virtual rows.
 
@@ -51,11 +51,14 @@ def take(size: Any, fraction: float) -> Any:
     # Symbolic sizes (torch.compile with dynamic shapes): exact integer arithmetic on the ratio's
     # fraction, which equals the float formula for every ratio whose fraction has a small
     # denominator (all ratios users type, such as 1/8 or 0.125).
-    import torch
 
+    # No min/max: for 0 < fraction <= 1 and size >= 1, ceil(size * fraction) already lies in
+    # [1, size], and a Min/Max in a tensor's symbolic shape defeats Inductor's stride ordering
+    # (``cannot determine truth value of Relational``) under dynamic=True.
     frac = Fraction(fraction).limit_denominator(1 << 20)
-    k = (size * frac.numerator + frac.denominator - 1) // frac.denominator
-    return torch.sym_max(1, torch.sym_min(size, k))
+    if frac == 1:
+        return size
+    return (size * frac.numerator + frac.denominator - 1) // frac.denominator
 
 
 def parse_ratio(value: Any) -> float:
@@ -107,6 +110,11 @@ class SamplingConfig:
         object.__setattr__(self, "method", method)
 
         ratio = DEFAULT_RATIO[method] if self.ratio is None else parse_ratio(self.ratio)
+        if method == "full" and ratio != 1.0:
+            raise ValueError(
+                f"ratio={self.ratio!r} contradicts method 'full', which takes every element; "
+                f"drop ratio (or ratio=1), or use a sampling method ('bs', 'fs', 'ns')"
+            )
         if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
             raise ValueError(
                 f"ratio must be in (0, 1] (a fraction of the batch or of the spatial extent, "

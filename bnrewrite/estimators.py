@@ -14,7 +14,9 @@ sample set ``A_c`` of channel ``c`` given by the sample plan (:mod:`bnrewrite.pl
 The gradient is autograd's exact gradient of this forward: ``mu`` and ``var`` depend on the
 sampled elements only. ``m`` is ``momentum``, a float or a 0-d tensor (the cumulative factor
 ``1 / num_batches_tracked`` of ``momentum=None`` is passed as a tensor so that compiled graphs do
-not specialise on it). Eval mode (``training=False``) is ``torch.nn.functional.batch_norm``.
+not specialise on it). Eval mode (``training=False``) is ``torch.nn.functional.batch_norm``; a BN
+without running statistics uses the batch statistics of the whole input there, as ``nn.BatchNorm``
+does. An empty batch (``N = 0``) gives an empty output and leaves the running statistics alone.
 
 Random offsets are drawn as device tensors on every call (``torch.rand`` scaled by the axis size,
 floored): no host synchronisation and no Python integer that a compiled graph would specialise on.
@@ -35,6 +37,7 @@ __all__ = [
     "draw_offsets",
     "fixed_virtual_rows",
     "gather_sample",
+    "sample_mask",
     "sample_parts",
     "sample_statistics",
     "normalize",
@@ -140,6 +143,42 @@ def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor
     return x
 
 
+def _has_symbolic_axis(plan: SamplePlan) -> bool:
+    """A sampled axis whose size is symbolic (``torch.compile(dynamic=True)``)."""
+    return any(not isinstance(ax.size, int) for ax in plan.axes)
+
+
+def sample_mask(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor:
+    """The sample set of the real rows as a 0/1 mask broadcastable to ``x[:N']``.
+
+    The same index set as :func:`gather_sample` -- position ``p`` of a sampled axis is taken iff
+    ``r = (p - offset) mod size`` has ``r mod step == 0`` and ``r // step < count`` (fixed:
+    ``p < count``) -- for symbolic sizes, where a gathered tensor's shape ``ceil(size * ratio)``
+    would be a floor division that Inductor cannot order strides by.
+    """
+    rank, channels = x.dim(), x.shape[1]
+    mask: Tensor | None = None
+    for i, ax in enumerate(plan.axes):
+        p = torch.arange(ax.size, device=x.device)
+        if offsets is None:
+            taken = (p < ax.count).view([-1 if d == ax.axis else 1 for d in range(rank)])
+        else:
+            rel = torch.remainder(p - offsets[..., i : i + 1], ax.size)  # (R, G, size)
+            taken = (torch.remainder(rel, ax.step) == 0) & (rel // ax.step < ax.count)
+            if plan.groups > 1:
+                group_of = torch.arange(channels, device=x.device) * plan.groups // channels
+                taken = taken.index_select(1, group_of)  # (R, C, size)
+            if ax.axis == 0:  # rows: (1, C, N') -> (N', C, 1, ...)
+                taken = taken[0].t().reshape([ax.size, taken.shape[1]] + [1] * (rank - 2))
+            else:
+                shape = [taken.shape[0], taken.shape[1]] + [1] * (rank - 2)
+                shape[ax.axis] = ax.size
+                taken = taken.reshape(shape)
+        mask = taken if mask is None else mask & taken
+    assert mask is not None
+    return mask
+
+
 def sample_parts(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> list[Tensor]:
     """The sample set as a list of tensors ``(rows, C, ...)``: real-row sample, then virtual rows."""
     parts: list[Tensor] = []
@@ -160,8 +199,10 @@ def sample_statistics(
 ) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over the sample set, float32 (float64 for float64 inputs)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    parts = [p.to(acc) for p in sample_parts(x, plan, offsets)]
     n = plan.count()
+    if plan.include_real and plan.axes and _has_symbolic_axis(plan):
+        return _masked_statistics(x, plan, offsets, acc, n)
+    parts = [p.to(acc) for p in sample_parts(x, plan, offsets)]
     total = _channel_sum(parts[0])
     for p in parts[1:]:
         total = total + _channel_sum(p)
@@ -171,6 +212,24 @@ def sample_statistics(
     sq = _channel_sum((parts[0] - centered).square())
     for p in parts[1:]:
         sq = sq + _channel_sum((p - centered).square())
+    return mean, sq / n
+
+
+def _masked_statistics(
+    x: Tensor, plan: SamplePlan, offsets: Tensor | None, acc: torch.dtype, n: Any
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_statistics` over :func:`sample_mask` (symbolic sizes): the same sums."""
+    real = (x.narrow(0, 0, plan.real_rows) if plan.virtual_rows else x).to(acc)
+    weight = sample_mask(real, plan, offsets).to(acc)
+    virtual = x.narrow(0, plan.real_rows, plan.virtual_rows).to(acc) if plan.virtual_rows else None
+    total = _channel_sum(real * weight)
+    if virtual is not None:
+        total = total + _channel_sum(virtual)
+    mean = total / n
+    centered = mean.view([1, -1] + [1] * (x.dim() - 2))
+    sq = _channel_sum((real - centered).square() * weight)
+    if virtual is not None:
+        sq = sq + _channel_sum((virtual - centered).square())
     return mean, sq / n
 
 
@@ -212,11 +271,30 @@ def update_running_stats(
             running_var.copy_(new)
 
 
+_TENSOR_ARGS = ("input", "running_mean", "running_var", "weight", "bias")
+
+
+def _check_arguments(values: tuple[Any, ...]) -> None:
+    """torch's kind of error for a non-tensor argument (``F.batch_norm`` raises ``TypeError``)."""
+    for position, (name, value) in enumerate(zip(_TENSOR_ARGS, values, strict=True)):
+        if not isinstance(value, Tensor) and (value is not None or name == "input"):
+            raise TypeError(
+                f"sampled_batch_norm(): argument '{name}' (position {position + 1}) must be "
+                f"Tensor{'' if name == 'input' else ' or None'}, not {type(value).__name__}"
+            )
+
+
 def _check_input(x: Tensor) -> None:
     if x.dim() < 2:
         raise ValueError(
             f"sampled_batch_norm expects an input of shape (N, C, *spatial), got {tuple(x.shape)}"
         )
+
+
+def _is_empty(x: Tensor) -> bool:
+    """A batch of no rows, known when tracing (Dynamo specialises sizes 0 and 1)."""
+    n = x.shape[0]
+    return isinstance(n, int) and n == 0
 
 
 def sampled_batch_norm(
@@ -239,13 +317,23 @@ def sampled_batch_norm(
     VDN pass); they are normalised like every other row.
     """
     cfg = SamplingConfig.coerce(config)
-    _check_input(input)
+    _check_arguments((input, running_mean, running_var, weight, bias))
     if not training:
+        if running_mean is None or running_var is None:
+            # A BN without running statistics in eval mode: batch statistics of the whole input,
+            # exactly what nn.BatchNorm does there (nothing to sample in eval mode).
+            return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
         m = momentum if isinstance(momentum, float) else 0.0  # unused in eval mode
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, m, eps)
+    if input.dim() >= 1 and _is_empty(input):
+        # An empty batch: PyTorch returns an empty output and leaves the running statistics as
+        # they are (the module still counts num_batches_tracked).
+        m = momentum if isinstance(momentum, float) else 0.0
+        return F.batch_norm(input, running_mean, running_var, weight, bias, True, m, eps)
+    _check_input(input)
     plan = sample_plan(tuple(input.shape), cfg)
     n = plan.count()
-    if isinstance(n, int) and n <= 1:
+    if n <= 1:  # a SymInt (dynamic shapes) answers from its hint and guards on it
         raise ValueError(
             f"Expected more than 1 value per channel in the sample set when training, got input "
             f"size {tuple(input.shape)} with method {cfg.method!r} and ratio {cfg.ratio}; use a "

@@ -12,6 +12,7 @@ A ``SampledBatchNormNd`` *is* an ``nn.BatchNormNd`` (subclass: same parameters, 
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -27,6 +28,9 @@ __all__ = [
     "SampledBatchNorm3d",
     "SampledBatchNormMixin",
     "convert_",
+    "refuse_virtual_rows",
+    "share_structure",
+    "plain_twins",
 ]
 
 log = logging.getLogger("bnrewrite")
@@ -49,7 +53,9 @@ class SampledBatchNormMixin:
                 nbt.add_(1)
                 if self.momentum is None:  # type: ignore[attr-defined]
                     momentum = 1.0 / nbt.to(torch.float32)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
+        # ``training`` is the module's mode (PyTorch passes ``training or no running stats``): in
+        # eval mode a BN without running statistics uses batch statistics of the whole input,
+        # which the estimator does for ``training=False`` without running statistics.
         use_running = not self.training or self.track_running_stats  # type: ignore[attr-defined]
         return (
             input,
@@ -57,7 +63,7 @@ class SampledBatchNormMixin:
             self.running_var if use_running else None,  # type: ignore[attr-defined]
             self.weight,  # type: ignore[attr-defined]
             self.bias,  # type: ignore[attr-defined]
-            bn_training,
+            self.training,  # type: ignore[attr-defined]
             momentum,
             self.eps,  # type: ignore[attr-defined]
         )
@@ -122,6 +128,59 @@ def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, config: Any) -> nn.Modu
     return new
 
 
+def share_structure(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares every parameter and buffer (no tensor copied).
+
+    Rewriting the copy swaps BN submodules without touching ``model``'s own modules, while an
+    optimizer built on ``model.parameters()`` trains what the rewritten graph uses and the running
+    statistics it updates are ``model``'s -- as ``torch.fx.symbolic_trace`` and ``torch.compile``
+    share them.
+    """
+    new = copy.copy(model)
+    for key, value in list(new.__dict__.items()):
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            new.__dict__[key] = copy.copy(value)  # hooks, parameter/buffer tables: own containers
+    new._modules = {
+        name: None if child is None else share_structure(child)
+        for name, child in model._modules.items()
+    }
+    return new
+
+
+def plain_twins(model: nn.Module) -> tuple[nn.Module, list[SamplingConfig]]:
+    """A structure-sharing copy of ``model`` (:func:`share_structure`) whose sampled BN layers are
+    plain ``nn.BatchNormNd`` again (same parameters and buffers), and the configs they had, in
+    module order. For tools that must see PyTorch's BatchNorm, such as the ONNX export."""
+    view = share_structure(model)
+    configs: list[SamplingConfig] = []
+    for parent in view.modules():
+        for attr, sub in list(parent._modules.items()):
+            if isinstance(sub, SampledBatchNormMixin):
+                if getattr(sub, "fuse_relu", False):
+                    raise ValueError(
+                        f"{attr} has a ReLU fused into it (bnrewrite.kernels.fuse_relu); use the "
+                        f"model from before fuse_relu"
+                    )
+                base = next(b for b, s in _SAMPLED.items() if isinstance(sub, s))
+                plain = base.__new__(base)
+                plain.__dict__.update(sub.__dict__)
+                plain.__dict__.pop("config", None)
+                plain.__dict__.pop("fuse_relu", None)
+                parent._modules[attr] = plain
+                configs.append(sub.config)
+    return view, configs
+
+
+def refuse_virtual_rows(cfg: SamplingConfig, where: str) -> None:
+    """Module-by-module conversion cannot carry virtual rows from layer to layer: refuse VDN."""
+    if cfg.uses_virtual_rows:
+        raise ValueError(
+            f"{where} converts layer by layer and cannot carry the virtual rows of method "
+            f"{cfg.method!r} through the network; use the whole-graph route, "
+            f"bnrewrite.rewrite(model, cfg) (or bnrewrite.passes.vdn.rewrite_vdn)"
+        )
+
+
 def convert_(model: nn.Module, config: SamplingConfig | dict[str, Any] | str | None) -> nn.Module:
     """Swap every ``nn.BatchNorm1d/2d/3d`` of ``model`` for its sampled twin, in place.
 
@@ -130,6 +189,7 @@ def convert_(model: nn.Module, config: SamplingConfig | dict[str, Any] | str | N
     are not sampled) and logged. Returns ``model``.
     """
     cfg = SamplingConfig.coerce(config)
+    refuse_virtual_rows(cfg, "convert_")
     converted = 0
     for name, child in list(model.named_modules()):
         for attr, sub in list(child._modules.items()):

@@ -39,8 +39,10 @@ import fnmatch
 import logging
 import operator
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnrewrite.config import SamplingConfig
-from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm
+from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm, share_structure
 from bnrewrite.ops import (
     config_to_str,
     fused_sampled_batch_norm_op,
@@ -66,6 +68,11 @@ __all__ = [
     "rewrite_graph",
     "rewrite",
     "select_config",
+    "share_structure",
+    "mode_following_nodes",
+    "warn_unmatched",
+    "warn_user",
+    "BatchNormRoot",
 ]
 
 log = logging.getLogger("bnrewrite")
@@ -87,8 +94,7 @@ def check_lowering(lowering: str, config: SamplingConfig | None = None) -> str:
     if lowering == "kernels" and config is not None and config.uses_virtual_rows:
         raise ValueError(
             f"lowering='kernels' is not available for method {config.method!r} in the graph "
-            "passes (virtual rows run the torch lowering); use lowering='torch', or "
-            "bnrewrite.kernels.convert_fused_ on the model"
+            "passes (virtual rows run the torch lowering); use lowering='torch'"
         )
     return lowering
 
@@ -524,14 +530,19 @@ def rewrite_graph(
     exclude: str | Sequence[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     filter_fn: Callable[[BatchNormSite], bool] | None = None,
-    follow_module_training: bool = False,
+    follow_module_training: bool | AbstractSet[str] = False,
     lowering: str = "torch",
     fuse_epilogues: bool = True,
 ) -> RewriteReport:
     """Rewrite every training-mode BN node of a graph in place; returns the report.
 
     Works on a ``GraphModule`` (any graph kind) or a bare ``Graph`` (the Inductor pre-grad hook);
-    ``call_module`` sites need the owning module. ``lowering`` (:data:`LOWERINGS`): ``"kernels"``
+    ``call_module`` sites need the owning module; module-form BN are rewritten whatever their mode
+    (the sampled twin follows its ``training`` flag at run time). ``follow_module_training``: ``True``
+    for every ``call_function`` BN, or the names of the nodes whose ``training`` argument is the
+    owning module's mode (:func:`mode_following_nodes`); those read the flag at run time, are
+    rewritten when traced in eval mode too, and every other ``training=True`` stays a literal.
+    ``lowering`` (:data:`LOWERINGS`): ``"kernels"``
     lowers to the fused Triton kernels and, with ``fuse_epilogues``, folds each ``relu(BN)`` and
     ``relu(BN + z)`` into the BN call (:func:`bnrewrite.passes.epilogue.fuse_epilogues`).
     """
@@ -547,7 +558,13 @@ def rewrite_graph(
     report = RewriteReport(lowering=lowering)
     changed = False
     names: dict[str, str] = {}  # new node / module path -> site name, for the epilogue report
+    follows = follow_module_training
     for site in find_batch_norm_nodes(graph if gm is None else gm):
+        if site.reason == "eval mode" and (
+            site.form == "module"
+            or (isinstance(follows, AbstractSet) and site.node.name in follows)
+        ):
+            site.reason = None  # follows its module's training flag at run time
         if site.reason is not None:
             report.skipped.append((site.name, site.reason))
             continue
@@ -555,9 +572,8 @@ def rewrite_graph(
         if chosen is None or (filter_fn is not None and not filter_fn(site)):
             report.skipped.append((site.name, "filtered by name"))
             continue
-        new = rewrite_node(
-            gm, site, chosen, follow_module_training=follow_module_training, lowering=lowering
-        )
+        follow = site.node.name in follows if isinstance(follows, AbstractSet) else bool(follows)
+        new = rewrite_node(gm, site, chosen, follow_module_training=follow, lowering=lowering)
         names[new.name if new is not None else str(site.node.target)] = site.name
         report.rewritten.append((site.name, chosen.method))
         changed = changed or site.form != "module"
@@ -603,6 +619,130 @@ def _rewrite_exported(ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any]) -> A
     return ep, report
 
 
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (graph, code generator, meta) whose parameters and buffers are ``gm``'s."""
+    new = copy.deepcopy(gm)
+    pairs = zip(
+        gm.named_modules(remove_duplicate=False),
+        new.named_modules(remove_duplicate=False),
+        strict=True,
+    )
+    for (_, src), (_, dst) in pairs:
+        dst._parameters = dict(src._parameters)
+        dst._buffers = dict(src._buffers)
+    return new
+
+
+class BatchNormRoot(nn.Module):
+    """A model that is one BatchNorm layer (``rewrite(nn.BatchNorm2d(C))``): ``forward`` calls it.
+
+    ``torch.fx`` cannot trace a BN's own ``forward`` (it branches on the input's rank), so the layer
+    becomes the submodule ``bn`` of this root; its parameters and buffers are shared."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn
+        self.training = bn.training
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return self.bn(input)
+
+
+def _bn_call_training(gm: fx.GraphModule) -> list[tuple[str, Any]]:
+    """``(node name, training argument)`` of each ``call_function`` BN whose op takes one."""
+    out = []
+    for site in find_batch_norm_nodes(gm):
+        if site.form != "module" and site.spec is not None and site.spec.training is None:
+            out.append((site.node.name, site.args.get("training")))
+    return out
+
+
+def mode_following_nodes(
+    model: nn.Module, gm: fx.GraphModule, tracer_kwargs: Mapping[str, Any] | None = None
+) -> set[str] | None:
+    """Names of ``gm``'s ``call_function`` BN nodes whose ``training`` argument is the module mode.
+
+    ``symbolic_trace`` bakes ``self.training`` into a constant, which looks like a literal
+    ``training=True``. Tracing twice more, with every module in train mode and then in eval mode,
+    tells them apart: an argument that is ``True`` in the first and ``False`` in the second follows
+    the mode; one that is ``True`` in both is a literal, honoured as written. ``None`` when the
+    traces do not line up (the graph's structure depends on the mode): then every BN follows.
+    """
+    modes = {m: m.training for m in model.modules()}
+    traced: list[list[tuple[str, Any]]] = []
+    try:
+        for flag in (True, False):
+            for m in modes:
+                m.training = flag
+            traced.append(_bn_call_training(fx.symbolic_trace(model, **dict(tracer_kwargs or {}))))
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    here = _bn_call_training(gm)
+    train, evals = traced
+    if not (len(here) == len(train) == len(evals)):
+        log.info("bnrewrite: the graph's BatchNorm calls depend on the mode; all follow it")
+        return None
+    return {
+        name
+        for (name, _), (_, t), (_, e) in zip(here, train, evals, strict=True)
+        if t is True and e is False
+    }
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn(UserWarning)`` attributed to the first caller outside bnrewrite."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnrewrite"):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def warn_unmatched(
+    names: Sequence[str],
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    overrides: Mapping[str, Any] | None,
+    what: str,
+) -> None:
+    """``UserWarning`` for a model with no BatchNorm and for name patterns that match no layer."""
+    if not names:
+        warn_user(f"bnrewrite: {what} has no BatchNorm layer; nothing was rewritten")
+        return
+    for option, patterns in (
+        ("include", include or ()),
+        ("exclude", exclude or ()),
+        ("overrides", list(overrides or ())),
+    ):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                warn_user(
+                    f"bnrewrite: {option} pattern {pattern!r} matches no BatchNorm layer; the "
+                    f"layers are {sorted(names)}"
+                )
+
+
+def _warn_patterns(
+    report: RewriteReport,
+    include: Any,
+    exclude: Any,
+    overrides: Mapping[str, Any] | None,
+    what: str,
+) -> None:
+    names = [n for n, _ in report.rewritten] + [n for n, _ in report.skipped]
+    warn_unmatched(names, _as_patterns(include), _as_patterns(exclude), overrides, what)
+
+
+def _warn_inference_only(report: RewriteReport, what: str) -> None:
+    inference = report.skipped_for("eval mode")
+    if report.count == 0 and inference and len(inference) == len(report.skipped):
+        warn_user(
+            f"bnrewrite: every BatchNorm of this {what} is an inference BatchNorm "
+            f"({len(inference)} in eval mode) and none was rewritten; trace or export the model "
+            f"in training mode (model.train()), or rewrite the nn.Module"
+        )
+
+
 def rewrite(
     obj: Any,
     config: SamplingConfig | Mapping[str, Any] | str | None = None,
@@ -619,10 +759,21 @@ def rewrite(
     node (every method but ``vdn`` / ``fs_vdn``, which need the whole graph:
     :func:`bnrewrite.passes.vdn.rewrite_vdn`; :func:`bnrewrite.rewrite` picks the right one).
 
-    * ``nn.Module`` -> ``GraphModule`` (``torch.fx.symbolic_trace``; the model is deep-copied first
-      unless ``inplace=True``, in which case the GraphModule shares its submodules).
-    * ``GraphModule`` -> ``GraphModule`` (a copy unless ``inplace=True``).
-    * ``torch.export.ExportedProgram`` -> ``ExportedProgram`` (always a copy).
+    * ``nn.Module`` -> ``GraphModule`` (``torch.fx.symbolic_trace``). The result shares the model's
+      parameters and buffers, as ``symbolic_trace`` and ``torch.compile`` do (an optimizer built on
+      ``model.parameters()`` trains it), and the model's modules are not modified. With
+      ``inplace=True`` the model's own BN modules are swapped for their sampled twins (the model
+      itself then samples). A model that is one BN layer is traced as ``gm.bn``.
+    * ``GraphModule`` -> ``GraphModule``: a new one over a copy of the graph, sharing parameters and
+      buffers (``inplace=True``: the graph itself is rewritten).
+    * ``torch.export.ExportedProgram`` -> ``ExportedProgram`` (always a copy: a program owns its
+      state).
+
+    Module-form BN are rewritten in whatever mode the model is: each follows its ``training`` flag
+    at run time. A ``call_function`` BN whose ``training`` is ``self.training`` follows the module
+    too; a literal ``training=True`` stays batch statistics (:func:`mode_following_nodes`).
+    Warnings (``UserWarning``): no BatchNorm at all, name patterns that match no layer, and a graph
+    that holds only inference BatchNorm.
 
     ``include`` / ``exclude``: fnmatch patterns over qualified module names (``"layer1.*"``).
     ``overrides``: ``{name or pattern: config or None}``, a config per layer (``None`` keeps it
@@ -645,22 +796,28 @@ def rewrite(
     export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
     if export_cls is not None and isinstance(obj, export_cls):
         result, report = _rewrite_exported(obj, cfg, {**opts, "lowering": lowering})
+        _warn_inference_only(report, "ExportedProgram")
+        _warn_patterns(report, include, exclude, overrides, "the ExportedProgram")
         return (result, report) if return_report else result
+    follows: bool | set[str] = False
     if isinstance(obj, fx.GraphModule):
-        gm = obj if inplace else copy.deepcopy(obj)
+        gm = obj if inplace else _copy_graph_module(obj)
     elif isinstance(obj, nn.Module):
-        model = obj if inplace else copy.deepcopy(obj)
-        if tracer_kwargs:
-            gm = fx.symbolic_trace(model, **tracer_kwargs)
-        else:
-            gm = fx.symbolic_trace(model)
+        model = obj if inplace else share_structure(obj)
+        if isinstance(model, nn.modules.batchnorm._BatchNorm):
+            model = BatchNormRoot(model)
+        gm = fx.symbolic_trace(model, **dict(tracer_kwargs or {}))
         gm.training = model.training  # the flag only: a frozen BN inside stays in eval mode
+        found = mode_following_nodes(model, gm, tracer_kwargs)
+        follows = True if found is None else found
     else:
         raise ValueError(
             f"rewrite expects an nn.Module, a torch.fx.GraphModule or a "
             f"torch.export.ExportedProgram, got {type(obj).__name__}"
         )
-    traced = isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule)
-    report = rewrite_graph(gm, cfg, **opts, follow_module_training=traced, lowering=lowering)
+    report = rewrite_graph(gm, cfg, **opts, follow_module_training=follows, lowering=lowering)
     gm.meta["bnrewrite"] = report
+    if isinstance(obj, fx.GraphModule):
+        _warn_inference_only(report, "graph")
+    _warn_patterns(report, include, exclude, overrides, f"this {type(obj).__name__}")
     return (gm, report) if return_report else gm

@@ -43,7 +43,6 @@ original does.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import operator
@@ -57,7 +56,15 @@ from torch import Tensor, fx, nn
 from bnrewrite.config import SamplingConfig
 from bnrewrite.estimators import fixed_virtual_rows
 
-from .fx import RewriteReport, rewrite_node
+from .fx import (
+    BatchNormRoot,
+    RewriteReport,
+    _as_patterns,
+    _copy_graph_module,
+    rewrite_node,
+    share_structure,
+    warn_unmatched,
+)
 from .vdn_analysis import Analysis, analyze
 from .vdn_flow import BatchMixingError
 from .vdn_flow import value_of as _val
@@ -287,13 +294,12 @@ def rewrite_vdn(
         )
     traced = isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule)
     if isinstance(obj, fx.GraphModule):
-        gm = obj if inplace else copy.deepcopy(obj)
+        gm = obj if inplace else _copy_graph_module(obj)
         source_training = obj.training
     elif isinstance(obj, nn.Module):
-        if inplace:
-            model = obj
-        else:
-            model = copy.deepcopy(obj)
+        model = obj if inplace else share_structure(obj)
+        if isinstance(model, nn.modules.batchnorm._BatchNorm):
+            model = BatchNormRoot(model)
         gm = fx.symbolic_trace(model, **dict(tracer_kwargs or {}))
         gm.training = model.training
         source_training = model.training
@@ -313,6 +319,10 @@ def rewrite_vdn(
         include=include,
         exclude=exclude,
         overrides=overrides,
+    )
+    names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
+    warn_unmatched(
+        names, _as_patterns(include), _as_patterns(exclude), overrides, type(obj).__name__
     )
     # -- from here on the graph is modified (the analysis proved it is batch-independent) --------
     v = cfg.vdn_samples

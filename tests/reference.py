@@ -2,7 +2,7 @@
 
 Written from DESIGN.md alone; it imports nothing from bnrewrite. ``ref_sample`` is the tests' one
 definition of the fixed sample set: the zoo's, the ONNX tests' and the VDN tests' references build on it. ``bs``/``ns``: the first ``k`` samples;
-``fs``: the top-left patch of side ``take(S_i, ratio ** (1/d))``; statistics are the biased mean and
+``fs``: the top-left patch of side ``take(S_i, ratio ** (1/d))`` (every row of a ``(N, C)`` input); statistics are the biased mean and
 variance over that set; the whole tensor is normalised; running stats use ``n / (n - 1)``.
 """
 
@@ -23,8 +23,10 @@ def ref_sample(x: Any, method: str, ratio: float) -> Any:
     if method == "full":
         return x
     spatial = x.shape[2:]
-    if method in ("bs", "ns") or (method == "fs" and len(spatial) == 0):
+    if method in ("bs", "ns"):
         return x[: ref_take(x.shape[0], ratio)]
+    if method == "fs" and len(spatial) == 0:
+        return x  # one position per map: FS takes part of every map for every sample, i.e. all
     if method == "fs":
         side = ratio ** (1.0 / len(spatial))
         index = [slice(None), slice(None)] + [slice(0, ref_take(s, side)) for s in spatial]

@@ -147,7 +147,7 @@ def test_property_never_crashes_never_nonfinite(
     shape = (n, c, *spatial)
     cfg = SamplingConfig(
         method=method,
-        ratio=ratio,
+        ratio=None if method == "full" else ratio,  # full takes no ratio
         groups=1 if method == "ns" else groups,
         sampling="fixed" if fixed else "random",
     )

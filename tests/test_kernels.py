@@ -602,3 +602,20 @@ def test_fuse_relu_residual_graph_module():
     # what the bench's 'fused+relu' ResNet-50 variant compiles
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), gm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bias_gradient_has_the_bias_dtype():
+    """Issue 18, item 14: the bias gradient is cast to the bias's own dtype, not the weight's."""
+    x = _input((8, 4, 5, 5), torch.float32).requires_grad_(True)
+    weight = torch.linspace(0.5, 1.5, 4, device=DEV, dtype=torch.bfloat16).requires_grad_(True)
+    bias = torch.linspace(-0.2, 0.3, 4, device=DEV, dtype=torch.float32).requires_grad_(True)
+    cfg = SamplingConfig(method="bs", ratio=0.5, sampling="fixed")
+    assert can_use_kernels(x, cfg)
+    y = fused_sampled_batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5, config=cfg)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEV)
+    y.backward(dy)
+    assert bias.grad.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
+    # d(sum dy*y)/db = sum dy for any sample set; a detour through bfloat16 (the weight's dtype)
+    # would lose ~3 significant digits
+    want = dy.double().sum(dim=(0, 2, 3)).float()
+    torch.testing.assert_close(bias.grad, want, atol=1e-4, rtol=1e-5)

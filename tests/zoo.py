@@ -94,6 +94,9 @@ class ReferenceBatchNorm(nn.Module):
         self.track_running_stats = bn.track_running_stats
         self.method, self.ratio = method, ratio
         self.training = bn.training
+        #: the torch.compile route's documented limit (README): in a Dynamo graph a BN without
+        #: running statistics passes training=True in eval mode too, so it keeps sampling there
+        self.sample_in_eval = False
 
     def forward(self, x: Tensor) -> Tensor:
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
@@ -105,6 +108,10 @@ class ReferenceBatchNorm(nn.Module):
         rm, rv = self._buffers.get("running_mean"), self._buffers.get("running_var")
         training = self.training or (rm is None and rv is None)
         use_running = not self.training or self.track_running_stats
+        # eval mode is exactly PyTorch's BN: a BN without running statistics uses the statistics
+        # of the whole batch there, never a sample (DESIGN.md, "Eval mode is untouched")
+        sampled = self.training or self.sample_in_eval
+        method, ratio = (self.method, self.ratio) if sampled else ("full", 1.0)
         return reference_batch_norm(
             x,
             rm if use_running else None,
@@ -114,8 +121,8 @@ class ReferenceBatchNorm(nn.Module):
             training,
             momentum,
             self.eps,
-            self.method,
-            self.ratio,
+            method,
+            ratio,
         )
 
 

@@ -653,7 +653,6 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     _, mean, var, new_rm, new_rv = output
     ctx.save_for_backward(x, weight, bias, offsets, mean, var, residual)
     ctx.config = (method, ratio, groups, sampling, vdn, eps, relu)
-    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, var, new_rm, new_rv)
 
 
@@ -663,7 +662,7 @@ def _backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Any, ...]:
         dy, x, mean, var, weight, bias, offsets, *ctx.config, residual
     )
     dw = dg.to(weight.dtype) if weight is not None else None
-    dbias = db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None
+    dbias = db.to(bias.dtype) if bias is not None else None  # the bias's own dtype
     return (dx, dw, dbias) + (None,) * 12 + (dz if residual is not None else None,)
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "export",
     "rewrite",
     "rewrite_with_report",
+    "output_directory",
+    "umask_mode",
     "write_model_atomic",
 ]
 
@@ -217,14 +219,36 @@ def declare_running_stats_outputs(proto: onnx.ModelProto) -> list[str]:
     return names
 
 
+def output_directory(path: str | os.PathLike[str]) -> str:
+    """The existing directory ``path`` will be written into; else ``FileNotFoundError`` naming
+    the user's path (not the temporary file beside it)."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"cannot write {os.fspath(path)}: the directory {directory} does not exist"
+        )
+    return directory
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` under the process's umask: what ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``proto`` to ``path`` through a temporary file in the same directory (no partial file)."""
+    """Write ``proto`` to ``path`` through a temporary file in the same directory (no partial file).
+
+    The file gets the permissions of any file the user writes (``0666`` under the umask), not the
+    ``0600`` of the temporary file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = output_directory(path)
     fd, tmp = tempfile.mkstemp(prefix=".bnrewrite-", suffix=".onnx.tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(proto.SerializeToString())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -320,6 +344,21 @@ def _export_torchscript(
     return onnx.load_from_string(buffer.getvalue())
 
 
+def _as_plain_batch_norm(model: Any) -> tuple[Any, list[SamplingConfig]]:
+    """A model converted with ``convert_`` is exported as PyTorch's BatchNorm (sharing its
+    parameters and buffers) and rewritten by the ONNX rule, as an unconverted one is: the sampled
+    layers' torch code is not an ONNX training BatchNormalization. Returns the configs found."""
+    import torch
+
+    from ..modules import SampledBatchNormMixin, plain_twins
+
+    if not isinstance(model, torch.nn.Module) or not any(
+        isinstance(m, SampledBatchNormMixin) for m in model.modules()
+    ):
+        return model, []
+    return plain_twins(model)
+
+
 def _first_line(error: BaseException) -> str:
     cause = error.__cause__ or error
     text = f"{type(cause).__name__}: {cause}".strip()
@@ -354,6 +393,10 @@ def export(
     from before the call (the TorchScript exporter runs the module once). ``f`` is a path (written
     atomically) or a binary file object. Returns the written ``ModelProto``.
 
+    A model converted with :func:`bnrewrite.convert_` exports the same way (its layers are seen as
+    PyTorch's BatchNorm and rewritten by the ONNX rule); without ``config`` it takes the config
+    the layers were converted with.
+
     The exporter leaves the updated running statistics of each BN as unused node outputs;
     ``running_stats_outputs=True`` declares them as graph outputs (after the model's outputs, two
     per BN in graph order: running mean, running variance), so that a runtime returns them.
@@ -369,6 +412,14 @@ def export(
         args = (args,)
     args = tuple(args)
     names = (input_names, output_names)
+    model, converted = _as_plain_batch_norm(model)
+    if converted and cfg is None:
+        if len(set(converted)) > 1:
+            raise ValueError(
+                "the model's BatchNorm layers were converted with different configs; pass "
+                "config= to export (one config for every layer)"
+            )
+        cfg = converted[0]
     with _training_mode_preserved(model) as saved:
         if exporter == "torchscript":
             proto = _export_torchscript(model, args, opset, *names)

@@ -20,6 +20,7 @@ import onnx
 from onnx import external_data_helper
 
 from ..cli import CLIError, add_sampling_arguments, config_from_args
+from . import output_directory, rewrite_with_report, umask_mode
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -55,7 +56,7 @@ def _load(path: str) -> tuple[onnx.ModelProto, bool]:
 
 def _save(proto: onnx.ModelProto, path: str, external: bool) -> None:
     """Write into a temporary directory beside ``path``, then move the files into place."""
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = output_directory(path)
     name = os.path.basename(path)
     tmpdir = tempfile.mkdtemp(prefix=".bnrewrite-", dir=directory)
     try:
@@ -70,9 +71,11 @@ def _save(proto: onnx.ModelProto, path: str, external: bool) -> None:
                 size_threshold=1024,
             )
             if os.path.exists(tmp + ".data"):
+                os.chmod(tmp + ".data", umask_mode())
                 os.replace(tmp + ".data", path + ".data")
         else:
             onnx.save_model(proto, tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
@@ -80,8 +83,6 @@ def _save(proto: onnx.ModelProto, path: str, external: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import rewrite_with_report
-
     config = config_from_args(args)  # bad method / ratio: ValueError, one line
     proto, external = _load(args.input)
     rewritten, report = rewrite_with_report(proto, config)
