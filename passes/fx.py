@@ -633,6 +633,18 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+def _swap_into(model: nn.Module, gm: fx.GraphModule) -> None:
+    """``inplace=True``: the model's own BN modules become the graph's sampled twins."""
+    for name, module in gm.named_modules():
+        if isinstance(module, SampledBatchNormMixin):
+            try:
+                current = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if current is not module:
+                _set_module(model, name, module)
+
+
 class BatchNormRoot(nn.Module):
     """A model that is one BatchNorm layer (``rewrite(nn.BatchNorm2d(C))``): ``forward`` calls it.
 
@@ -692,7 +704,7 @@ def mode_following_nodes(
 
 def warn_user(message: str) -> None:
     """``warnings.warn(UserWarning)`` attributed to the first caller outside bnrewrite."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").startswith("bnrewrite"):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, UserWarning, stacklevel=level)
@@ -817,6 +829,8 @@ def rewrite(
         )
     report = rewrite_graph(gm, cfg, **opts, follow_module_training=follows, lowering=lowering)
     gm.meta["bnrewrite"] = report
+    if inplace and isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule):
+        _swap_into(obj, gm)
     if isinstance(obj, fx.GraphModule):
         _warn_inference_only(report, "graph")
     _warn_patterns(report, include, exclude, overrides, f"this {type(obj).__name__}")

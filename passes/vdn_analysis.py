@@ -74,6 +74,15 @@ def _source(p: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
+def _is_user_input(source: Any) -> bool:
+    """A Dynamo source that is an argument of the compiled call: a local (``L['x']``) or an item
+    of one (``L['args'][0]``, as ``dynamic=True`` traces ``nn.Module.__call__(*args)``); not an
+    attribute, parameter or buffer of a module."""
+    while type(source).__name__ == "GetItemSource":
+        source = source.base
+    return type(source).__name__ == "LocalSource"
+
+
 def _batch_inputs(placeholders: list[fx.Node], names: Sequence[str] | None) -> list[fx.Node]:
     """The placeholders that carry the batch: named ones, else every tensor input of the user's."""
     if names is not None:
@@ -98,9 +107,8 @@ def _batch_inputs(placeholders: list[fx.Node], names: Sequence[str] | None) -> l
             continue  # SymInt / constant placeholders
         grapharg = p.meta.get("grapharg")
         if grapharg is not None:
-            source = getattr(grapharg, "source", None)
-            if type(source).__name__ != "LocalSource":
-                continue  # a parameter/buffer of self, a global, ...
+            if not _is_user_input(getattr(grapharg, "source", None)):
+                continue  # a parameter/buffer/attribute of self, a global, ...
             example = getattr(grapharg, "example", None)
             if isinstance(example, nn.Parameter):
                 continue

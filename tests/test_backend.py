@@ -430,3 +430,61 @@ def test_backend_names_filters_and_logging(caplog: pytest.LogCaptureFixture) -> 
     assert report.rewritten == [("4", "bs")]
     assert report.skipped == [("1", "filtered by name")]
     assert "rewrote 1 BatchNorm" in caplog.text
+
+
+# -- issue 18: dynamic shapes and empty batches on the compiled route ---------------------------
+def _net_with_head() -> nn.Module:
+    """Conv BN (sampled spatial axes) and a BatchNorm1d head (sampled rows)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "ns", "bs", "fs", "vdn", "fs_vdn"])
+def test_every_method_compiles_with_dynamic_true(method: str) -> None:
+    """Issue 18, item 13: Inductor with ``dynamic=True`` (sampled sizes are symbolic: no Min/Max
+    in tensor shapes), one graph for batch sizes 16, 24 and 32."""
+    torch.manual_seed(0)
+    cfg = (
+        SamplingConfig(method) if method in ("full", "vdn") else SamplingConfig(method, ratio=0.25)
+    )
+    backend = make_backend(cfg)
+    compiled = torch.compile(_net_with_head(), backend=backend, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses = _train(compiled, [16, 24, 32], steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(getattr(r, "bn", r).count == 2 for r in backend.reports)  # VDN reports hold .bn
+
+
+@pytest.mark.slow
+def test_automatic_dynamic_batch_recompiles_once() -> None:
+    """Issue 18, item 13: without ``dynamic=``, a new batch size recompiles once (marking the
+    batch dynamic); later sizes, such as a smaller last batch, reuse that graph."""
+    torch.manual_seed(0)
+    backend = make_backend(SamplingConfig("fs", ratio=0.25))
+    compiled = torch.compile(_net_with_head(), backend=backend)
+    _train(compiled, [32, 24], steps=2)  # the second size recompiles with a dynamic batch
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train(compiled, [20, 17, 28], steps=3)
+
+
+def test_backend_runs_an_empty_batch_like_pytorch() -> None:
+    """Issue 18, item 15 (the compiled route): an empty batch compiles and runs as PyTorch's BN
+    does; the running statistics stay and ``num_batches_tracked`` counts it."""
+    torch.manual_seed(0)
+    model = _tiny_net()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=make_backend(SamplingConfig("bs"), inner="aot_eager"))
+    x = torch.randn(0, 3, 8, 8)
+    assert compiled(x).shape == reference(x).shape == (0, 4)
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(a, b), name

@@ -89,3 +89,11 @@ def test_coerce():
 )
 def test_take(size, frac, expected):
     assert take(size, frac) == expected
+
+
+def test_full_with_a_ratio_is_a_contradiction():
+    """Issue 18, item 9: ``full`` takes every element; a ratio other than 1 is refused."""
+    with pytest.raises(ValueError, match="contradicts method 'full'.*drop ratio"):
+        SamplingConfig(method="full", ratio=0.5)
+    assert SamplingConfig(method="full", ratio=1).ratio == 1.0
+    assert SamplingConfig.from_dict(SamplingConfig("full").to_dict()) == SamplingConfig("full")

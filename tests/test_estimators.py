@@ -211,3 +211,41 @@ def test_vdn_statistics_come_from_the_last_rows():
     mean = both.mean(1).view(1, 3, 1, 1)
     var = both.var(1, unbiased=False).view(1, 3, 1, 1)
     torch.testing.assert_close(y, (x - mean) / var.sqrt())
+
+
+def test_non_tensor_argument_is_torchs_type_error():
+    """Issue 18, item 11: a non-tensor argument raises ``TypeError`` naming it, as F.batch_norm."""
+    import numpy as np
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError, match=r"argument 'input' \(position 1\) must be Tensor"):
+        sampled_batch_norm(np.zeros((4, 3)), rm, rv, training=True, config="bs")
+    with pytest.raises(TypeError, match="argument 'weight' .* must be Tensor or None, not list"):
+        sampled_batch_norm(torch.zeros(4, 3), rm, rv, [1.0, 1.0, 1.0], training=True)
+
+
+@pytest.mark.parametrize("method", ["full", "bs", "fs", "ns"])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (0,)])
+def test_empty_batch_matches_pytorch(method, shape):
+    """Issue 18, item 15: N = 0 gives an empty output, running statistics untouched (and an
+    empty gradient), as F.batch_norm; including the 1-D empty input it accepts."""
+    x = torch.randn(shape, requires_grad=True)
+    rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = sampled_batch_norm(x, rm, rv, training=True, config=method)
+    want = F.batch_norm(x.detach(), rm0.clone(), rv0.clone(), training=True)
+    assert y.shape == want.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_eval_without_running_stats_uses_the_whole_batch():
+    """Issue 18, item 1 (the estimator's part): in eval mode a BN without running statistics
+    normalises with the statistics of the whole batch, exactly nn.BatchNorm's eval -- never a
+    sample, whatever the config."""
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    bn = torch.nn.BatchNorm2d(3, track_running_stats=False).eval()
+    for cfg in (SamplingConfig("bs", ratio=0.25), SamplingConfig("vdn", vdn_samples=2)):
+        y = sampled_batch_norm(x, None, None, bn.weight, bn.bias, False, 0.1, 1e-5, config=cfg)
+        torch.testing.assert_close(y, bn(x), rtol=0, atol=0)

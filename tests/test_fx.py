@@ -348,3 +348,130 @@ def test_small_resnet_trains(method: str) -> None:
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     gm.eval()
     assert torch.isfinite(gm(x)).all()
+
+
+# -- issue 18: correctness traps --------------------------------------------------------------
+class _LiteralTrainingBN(nn.Module):
+    """``F.batch_norm(..., training=True)`` written as a literal: batch statistics in any mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        literal = torch.nn.functional.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True
+        )
+        follows = torch.nn.functional.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=self.training
+        )
+        return literal + follows
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_literal_training_true_is_honoured(mode: str) -> None:
+    """Issue 18, item 2: a literal ``training=True`` stays batch statistics after ``.eval()``;
+    a traced ``self.training`` follows the mode (whatever the mode at rewrite time)."""
+    model = _LiteralTrainingBN()
+    model.bn.running_mean.fill_(3.0)  # far from the batch mean: the two paths differ by ~6
+    getattr(model, mode)()
+    gm = bnrewrite.rewrite(model, FIXED["full"])
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
+    for run_mode in ("eval", "train"):
+        getattr(gm, run_mode)()
+        reference = copy.deepcopy(model)
+        getattr(reference, run_mode)()
+        with torch.no_grad():
+            want = reference(x)
+            got = gm(x)
+        torch.testing.assert_close(got, want, msg=f"rewritten in {mode}, run in {run_mode}")
+
+
+def test_model_in_eval_mode_is_rewritten_and_samples_after_train() -> None:
+    """Issue 18, item 3: module-form BN are rewritten whatever the mode; after ``.train()`` they
+    sample, and in eval mode they are PyTorch's eval BN."""
+    model = zoo_entry("resnet_basic").factory().eval()
+    gm, report = bnrewrite.rewrite(model, FIXED["bs"], return_report=True)
+    assert report.count == zoo_entry("resnet_basic").bn_count and not report.skipped
+    x = zoo_entry("resnet_basic").example_input()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))  # eval: PyTorch's BN, exactly
+    gm.train()
+    reference = reference_model(model.train(), "bs", 0.5)
+    expected = run_steps(reference, lambda: x.clone(), eval_call=False)
+    assert_close_results(run_steps(gm, lambda: x.clone(), eval_call=False), expected)
+
+
+def test_graph_of_inference_batchnorm_only_warns() -> None:
+    """Issue 18, item 3: a graph that holds only inference BN (``make_fx`` of an eval model)
+    cannot be rewritten; that is said with a ``UserWarning``, not an INFO log."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    gm = make_fx(model)(torch.randn(2, 3, 6, 6))
+    with pytest.warns(UserWarning, match="only.*inference BatchNorm|every BatchNorm.*inference"):
+        bnrewrite.rewrite(gm, FIXED["bs"])
+
+
+def test_optimizer_on_model_parameters_trains_the_rewritten_graph() -> None:
+    """Issue 18, item 5: the usual order -- optimizer on ``model.parameters()``, then rewrite --
+    trains what the graph uses; the model's modules are not modified (``inplace=False``)."""
+    torch.manual_seed(0)
+    model = zoo_entry("resnet_basic").factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gm = bnrewrite.rewrite(model, FIXED["bs"])
+    assert all(type(m) is not nn.BatchNorm2d for m in gm.modules())
+    assert any(type(m) is nn.BatchNorm2d for m in model.modules())  # structure untouched
+    x = zoo_entry("resnet_basic").example_input()
+    before = gm(x).detach()
+    loss = gm(x).square().mean()
+    loss.backward()
+    opt.step()
+    assert not torch.allclose(gm(x), before)  # the step changed what the graph computes
+    for (name, p), (_, q) in zip(model.named_parameters(), gm.named_parameters(), strict=True):
+        assert p is q, name
+    # inplace=True swaps the model's own BN for their sampled twins
+    bnrewrite.rewrite(model, FIXED["bs"], inplace=True)
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+
+
+def test_unmatched_patterns_and_models_without_batchnorm_warn() -> None:
+    """Issue 18, item 10: a pattern that matches no layer, and a model with no BN at all, are
+    ``UserWarning``s attributed to the caller's line (not an INFO log)."""
+    model = zoo_entry("resnet_basic").factory()
+    for option in ({"include": ["layer9.*"]}, {"exclude": "nope"}, {"overrides": {"x.*": None}}):
+        with pytest.warns(UserWarning, match="matches no BatchNorm layer") as rec:
+            bnrewrite.rewrite(model, FIXED["bs"], **option)
+        assert rec[0].filename == __file__
+    with pytest.warns(UserWarning, match="has no BatchNorm layer"):
+        bnrewrite.rewrite(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), FIXED["bs"])
+    with pytest.warns(UserWarning, match="has no BatchNorm layer"):
+        bnrewrite.rewrite(nn.Sequential(nn.Linear(3, 4)), SamplingConfig("vdn"))
+
+
+def test_rewrite_of_an_empty_batch_matches_pytorch() -> None:
+    """Issue 18, item 15 (the FX route): an empty batch runs, as PyTorch's BN."""
+    model = zoo_entry("resnet_basic").factory()
+    gm = bnrewrite.rewrite(model, SamplingConfig("fs", ratio=0.25))
+    reference = copy.deepcopy(model)
+    x = torch.randn((0, *zoo_entry("resnet_basic").example_input().shape[1:]), dtype=torch.float64)
+    y = gm(x)
+    assert y.shape == reference(x).shape
+    for (name, a), (_, b) in zip(gm.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
+def test_rewrite_of_a_single_batchnorm_layer(cls) -> None:
+    """Issue 18, item 16: a model that is one BN layer is rewritten as the one-layer model it is
+    (torch.fx cannot trace BN's own forward); it shares the layer's parameters and buffers."""
+    torch.manual_seed(0)
+    bn = cls(4).double()
+    gm, report = bnrewrite.rewrite(bn, FIXED["bs"], return_report=True)
+    assert report.rewritten == [("bn", "bs")]
+    assert gm.bn.weight is bn.weight and gm.bn.running_mean is bn.running_mean
+    shape = {nn.BatchNorm1d: (8, 4), nn.BatchNorm2d: (8, 4, 3, 3), nn.BatchNorm3d: (8, 4, 2, 3, 3)}
+    x = torch.randn(shape[cls], dtype=torch.float64)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    want = reference_batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.1, 1e-5, "bs", 0.5)
+    torch.testing.assert_close(gm(x), want)
+    torch.testing.assert_close(bn.running_var, rv)

@@ -118,3 +118,30 @@ def test_convert_with_sampling_trains_and_leaves_sync_bn(caplog):
     assert "skipped 2" in caplog.text and "1 BatchNorm layer(s) converted" in caplog.text
     model[1](torch.randn(8, 4, 3, 3))
     assert int(model[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
+def test_convert_refuses_vdn_and_names_the_whole_graph_route(method):
+    """Issue 18, item 4: layer by layer, virtual rows cannot travel from one BN to the next; the
+    model is left as it was."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"bnrewrite\.rewrite\(model, cfg\)"):
+        convert_(model, {"method": method})
+    assert type(model[1]) is nn.BatchNorm2d
+    from bnrewrite.kernels import convert_fused_
+
+    with pytest.raises(ValueError, match="whole-graph route"):
+        convert_fused_(model, {"method": method})
+
+
+def test_empty_batch_counts_the_step_and_keeps_running_stats():
+    """Issue 18, item 15 (module form): as PyTorch's BN."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    sampled = convert_(nn.Sequential(copy.deepcopy(bn)), "bs")[0]
+    x = torch.randn(0, 3, 4, 4)
+    want, got = bn(x), sampled(x)
+    assert got.shape == want.shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(sampled, name), getattr(bn, name)), name
+    assert int(sampled.num_batches_tracked) == 1

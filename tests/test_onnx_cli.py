@@ -269,3 +269,22 @@ def test_cli_vdn_rewrites_the_whole_graph(method: str, sampling: str, tmp_path, 
     onnx.checker.check_model(out, full_check=True)
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     assert any(n.op_type == "Concat" for n in out.graph.node)  # virtual rows appended
+
+
+def test_cli_output_in_a_missing_directory_and_file_mode(tmp_path, capsys) -> None:
+    """Issue 18, item 12, for the CLI: one line naming the user's output path, nothing left
+    behind; the written model follows the umask (0644 under 022), not 0600."""
+    from bnrewrite.cli import main
+
+    src = tmp_path / "in.onnx"
+    _training(src)
+    assert main(["onnx", str(src), str(tmp_path / "nodir" / "out.onnx"), "--method", "bs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nodir/out.onnx" in err[0] and ".bnrewrite-" not in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+    old = os.umask(0o022)
+    try:
+        assert main(["onnx", str(src), str(tmp_path / "out.onnx"), "--method", "bs"]) == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "out.onnx").st_mode & 0o777) == oct(0o644)

@@ -339,3 +339,48 @@ def test_what_the_torch_export_route_cannot_do() -> None:
     assert [n.op_type for n in auto.graph.node] == [n.op_type for n in legacy.graph.node]
     with pytest.raises(ValueError, match="exporter must be one of"):
         bo.export(model, x, io.BytesIO(), exporter="jit")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_of_a_converted_model(exporter) -> None:
+    """Issue 18, item 6 (the README's order): ``convert_`` then ``export(..., config=cfg)``; the
+    converted layers export as training BN rewritten by the ONNX rule, equal to the reference;
+    without ``config`` the layers' own config is used; the model stays converted."""
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish())
+    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
+    bnrewrite.convert_(model, cfg)
+    x = torch.randn(8, 3, 12, 12)
+    proto = bo.export(model, (x,), io.BytesIO(), config=cfg, exporter=exporter)
+    implicit = bo.export(model, (x,), io.BytesIO(), exporter=exporter)
+    assert count_ops(proto, "BatchNormalization") == count_ops(implicit, "BatchNormalization") == 0
+    assert all(isinstance(m, bnrewrite.SampledBatchNorm2d) for m in model.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))  # fmt: skip
+    ref, _ = reference_model(model, "bs", 0.25)
+    with torch.no_grad():
+        y_ref = ref(x.double()).numpy()
+    for p in (proto, implicit):
+        y = list(ort_run(p, x.numpy()).values())[0]
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_error_names_the_users_path_and_files_follow_the_umask(tmp_path) -> None:
+    """Issue 18, item 12: a missing directory is reported with the user's path (not a hidden
+    temporary file) and nothing is left behind; a written file has the mode any file the user
+    writes gets (0666 under the umask), not 0600."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 6, 6)
+    target = tmp_path / "missing_dir" / "out.onnx"
+    with pytest.raises(FileNotFoundError, match=r"missing_dir/out\.onnx") as info:
+        bo.export(model, x, target)
+    assert ".bnrewrite-" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+    old = os.umask(0o022)
+    try:
+        bo.export(model, x, tmp_path / "out.onnx")
+        assert oct(os.stat(tmp_path / "out.onnx").st_mode & 0o777) == oct(0o644)
+        os.umask(0o002)
+        bo.export(model, x, tmp_path / "out2.onnx")
+        assert oct(os.stat(tmp_path / "out2.onnx").st_mode & 0o777) == oct(0o664)
+    finally:
+        os.umask(old)

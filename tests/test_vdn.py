@@ -623,3 +623,52 @@ def test_cuda_compile_inductor():
     assert len(graphs) == 1
     for got, want in zip(outs, _train_eager(eager, batches), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+class _NoStatsNet(nn.Module):
+    """A BN without running statistics: batch statistics in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
+def test_eval_mode_equals_the_original_for_bn_without_running_stats(method):
+    """Issue 18, item 1: in eval mode no virtual rows are appended, and a BN that uses batch
+    statistics in eval mode takes them from the real rows -- exactly the original model."""
+    torch.manual_seed(0)
+    model = _NoStatsNet().double()
+    gm = rewrite_vdn(model, SamplingConfig(method=method, vdn_samples=V))
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    gm.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_exported_program_with_vdn_comes_back_as_an_exported_program():
+    """Issue 18, item 7: ``rewrite(ep, vdn)`` returns an ExportedProgram with the same input
+    signature (virtual rows live inside the graph), equal to the module route."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    model = zoo_entry("resnet_basic").factory().float()
+    x = zoo_entry("resnet_basic").example_input().float()
+    ep = torch.export.export(copy.deepcopy(model), (x,))
+    cfg = SamplingConfig(method="vdn", sampling="fixed", vdn_samples=V)
+    out = bnrewrite.rewrite(ep, cfg)
+    assert isinstance(out, torch.export.ExportedProgram)
+    assert out.graph_signature.user_inputs == ep.graph_signature.user_inputs
+    assert out.graph_module.meta["bnrewrite"].count == zoo_entry("resnet_basic").bn_count
+    want = bnrewrite.rewrite(copy.deepcopy(model), cfg)(x)
+    torch.testing.assert_close(out.module()(x), want, rtol=1e-5, atol=1e-5)
+    # the decoupling holds in the program too
+    x2 = _other_batch(x)
+    torch.testing.assert_close(out.module()(x)[0], out.module()(x2)[0], rtol=1e-6, atol=1e-6)
