@@ -23,6 +23,7 @@ Three files, one concern each:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,10 @@ def _source(p: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
+#: Dynamo's placeholder names for module state: ``L_self_modules_bn_buffers_running_mean_``.
+_DYNAMO_STATE = re.compile(r"^L_[A-Za-z0-9]+_(?:modules_.+_)?(?:parameters|buffers)_")
+
+
 def _is_user_input(source: Any) -> bool:
     """A Dynamo source that is an argument of the compiled call: a local (``L['x']``) or an item
     of one (``L['args'][0]``, as ``dynamic=True`` traces ``nn.Module.__call__(*args)``); not an
@@ -106,6 +111,8 @@ def _batch_inputs(placeholders: list[fx.Node], names: Sequence[str] | None) -> l
         if val is not None and not isinstance(val, Tensor):
             continue  # SymInt / constant placeholders
         grapharg = p.meta.get("grapharg")
+        if grapharg is None and _DYNAMO_STATE.match(str(p.target)):
+            continue  # a Dynamo graph whose grapharg meta is gone: parameters/buffers by name
         if grapharg is not None:
             if not _is_user_input(getattr(grapharg, "source", None)):
                 continue  # a parameter/buffer/attribute of self, a global, ...
