@@ -42,6 +42,9 @@ DEFAULT_RATIO: dict[str, float] = {
 DEFAULT_GROUPS = 4
 #: Default number of virtual rows for vdn / fs_vdn.
 DEFAULT_VDN_SAMPLES = 2
+#: Default floor: no channel's statistics from fewer values than this (or from all of them, when
+#: there are fewer). Chosen from measurements on real data (docs/results.md, "The floor").
+DEFAULT_MIN_COUNT = 32
 
 
 def take(size: Any, fraction: float) -> Any:
@@ -91,8 +94,9 @@ def _choices(values: tuple[str, ...]) -> str:
 class SamplingConfig:
     """How a BatchNorm layer estimates its statistics. Frozen and validated on construction.
 
-    ``ratio``, ``groups`` and ``vdn_samples`` left as ``None`` take the method's defaults
-    (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples), so that
+    ``ratio``, ``groups``, ``vdn_samples`` and ``min_count`` left as ``None`` take the defaults
+    (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples, a floor of
+    ``DEFAULT_MIN_COUNT`` values per channel), so that
     ``SamplingConfig(method="fs")`` is a complete config and ``to_dict`` shows concrete values.
     """
 
@@ -102,6 +106,7 @@ class SamplingConfig:
     sampling: str = "random"
     seed: int | None = None
     vdn_samples: int | None = None
+    min_count: int | None = None
 
     def __post_init__(self) -> None:
         method = self.method.lower() if isinstance(self.method, str) else self.method
@@ -152,6 +157,14 @@ class SamplingConfig:
                 f"vdn_samples must be a positive integer (e.g. 2), got {self.vdn_samples!r}"
             )
         object.__setattr__(self, "vdn_samples", vdn)
+
+        floor = DEFAULT_MIN_COUNT if self.min_count is None else self.min_count
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 1:
+            raise ValueError(
+                f"min_count must be a positive integer (values per channel at least; 1 turns the "
+                f"floor off, default {DEFAULT_MIN_COUNT}), got {self.min_count!r}"
+            )
+        object.__setattr__(self, "min_count", floor)
 
     # -- derived properties -------------------------------------------------------------------
     @property

@@ -36,6 +36,10 @@ batch would make every row's error the same; a phase per row averages it out ove
 Channel ``c`` belongs to group ``c * G // C`` (contiguous, balanced groups; ``G = min(groups, C)``):
 ``ns`` has ``G = 1``, the same sample for all channels.
 
+Floor. No channel's statistics come from fewer than ``config.min_count`` values, or from all the
+real values when there are fewer: row sampling takes more rows, FS every position of its maps. ``unfloored_count`` keeps the count before, for reports.
+``vdn`` has no real part to raise (its statistics never read a real row): the VDN pass warns.
+
 The per-channel count of the sample set is ``n = N' * prod(counts) * prod(unsampled sizes)`` plus
 ``virtual_rows * prod(S)`` for the virtual part; running variance uses ``n / (n - 1)``.
 """
@@ -78,6 +82,15 @@ class SamplePlan:
     groups: int
     random: bool
     include_real: bool
+    #: the floor (``config.min_count``) and the count before the plan applied it
+    floor: int = 1
+    unfloored_count: Any = None
+
+    @property
+    def raised(self) -> bool:
+        """The floor raised the sample (``unfloored_count`` values -> ``count()``)."""
+        before = self.unfloored_count
+        return isinstance(before, int) and before != self.count()
 
     @property
     def channels(self) -> Any:
@@ -146,14 +159,14 @@ def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
         axes.append(SampledAxis(0, real, k, 1))
     elif method in ("fs", "fs_vdn") and spatial:
         side = config.ratio ** (1.0 / len(spatial))
-        for i, size in enumerate(spatial):
-            m = take(size, side)
-            step = size // m if random else 1
-            axes.append(SampledAxis(2 + i, size, m, step))
+        counts = [take(size, side) for size in spatial]
+        axes.extend(_lattice(spatial, counts, random))
+    unfloored = _count(real, spatial, axes, virtual, method != "vdn")
+    axes = _apply_floor(axes, real, spatial, virtual, config.min_count, random, method)
     groups = 1 if method == "ns" else config.groups
     if isinstance(channels, int):
         groups = min(groups, channels)
-    return SamplePlan(
+    plan = SamplePlan(
         method=method,
         shape=shape,
         real_rows=real,
@@ -162,4 +175,64 @@ def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
         groups=groups,
         random=random and len(axes) > 0,  # not bool(list): Dynamo 2.11 cannot trace it
         include_real=method != "vdn",
+        floor=config.min_count,
+        unfloored_count=unfloored,
     )
+    return plan
+
+
+def _lattice(spatial: Sequence[Any], counts: Sequence[Any], random: bool) -> list[SampledAxis]:
+    return [
+        SampledAxis(2 + i, size, m, size // m if random else 1)
+        for i, (size, m) in enumerate(zip(spatial, counts, strict=True))
+    ]
+
+
+def _count(real: Any, spatial: Sequence[Any], axes: Sequence[SampledAxis], virtual: int,
+           include_real: bool) -> Any:  # fmt: skip
+    sizes = [real, *spatial]
+    for ax in axes:
+        sizes[0 if ax.axis == 0 else ax.axis - 1] = ax.count
+    return (math.prod(sizes) if include_real else 0) + virtual * math.prod(spatial)
+
+
+def _apply_floor(
+    axes: list[SampledAxis],
+    real: Any,
+    spatial: Sequence[Any],
+    virtual: int,
+    floor: int,
+    random: bool,
+    method: str,
+) -> list[SampledAxis]:
+    """Raise the real-row sample until a channel's statistics use ``>= min(floor, available)``
+    values (the floor). Rows: more rows. FS: every position of the maps. ``vdn`` has no real part to raise (VDN's guarantee: statistics never
+    read a real row); the VDN pass warns instead. Symbolic sizes (dynamic shapes) give the same
+    sample: rows as a ``sym_max`` expression, FS through an inequality guard."""
+    if method == "vdn" or not axes:
+        return axes
+    per_row = math.prod(spatial)
+    vcount = virtual * per_row
+    if axes[0].axis == 0:  # rows
+        ax = axes[0]
+        if all(isinstance(v, int) for v in (real, per_row, ax.count)):
+            need_rows = max(1, -(-(floor - vcount) // per_row))
+            return [SampledAxis(0, ax.size, max(ax.count, min(real, need_rows)), 1)]
+        import torch  # symbolic sizes (dynamic shapes): the same value as an expression
+
+        need_rows = (floor - vcount + per_row - 1) // per_row
+        k = torch.sym_max(ax.count, torch.sym_min(real, need_rows))
+        return [SampledAxis(0, ax.size, k, 1)]
+    counts = [ax.count for ax in axes]
+    target = min(floor - vcount, real * per_row) if isinstance(real * per_row, int) else None
+    if target is None:
+        import torch
+
+        target = torch.sym_min(floor - vcount, real * per_row)
+    if not bool(real * math.prod(counts) < target):  # a SymBool answers from its hint (a guard)
+        return axes
+    # Below the floor, FS takes every position of its maps: one rule for concrete and symbolic
+    # sizes (the condition is an inequality guard; no size becomes concrete), and it only meets
+    # small maps or tiny batches, where whole maps are cheap.
+    counts = list(spatial)
+    return _lattice(spatial, counts, random)

@@ -58,6 +58,7 @@ from bnrewrite.ops import (
     sampled_batch_norm_functional_op,
     sampled_batch_norm_op,
 )
+from bnrewrite.plan import sample_plan
 
 __all__ = [
     "LOWERINGS",
@@ -183,6 +184,9 @@ class RewriteReport:
     epilogues: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     #: (name, why) for BN lowered to the kernels whose input will run the torch estimator instead
     fallbacks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: (name, values before, values after) for each BN whose sample the floor raised (where the
+    #: graph knows the input's shape: Dynamo, export, make_fx graphs; else at run time only)
+    raised: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -201,6 +205,10 @@ class RewriteReport:
         lines += [
             f"  {name}: lowering kernels falls back to the torch estimator: {why}"
             for name, why in self.fallbacks
+        ]
+        lines += [
+            f"  {name}: the floor raised the sample from {a} to {b} values per channel"
+            for name, a, b in self.raised
         ]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
@@ -476,6 +484,24 @@ def rewrite_node(
     return new
 
 
+def _input_meta(site: BatchNormSite) -> Any:
+    x = site.args.get("input") if site.form != "module" else site.node.args[0]
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return None
+
+
+def floor_raise(site: BatchNormSite, config: SamplingConfig) -> tuple[int, int] | None:
+    """``(before, after)`` when the floor raises this BN's sample, if the input shape is known."""
+    meta = _input_meta(site)
+    if not isinstance(meta, torch.Tensor) or meta.dim() < 2:
+        return None
+    if not all(isinstance(d, int) for d in meta.shape):
+        return None
+    plan = sample_plan(tuple(meta.shape), config)
+    return (plan.unfloored_count, plan.count()) if plan.raised else None
+
+
 def _kernels_refusal(site: BatchNormSite) -> str | None:
     """Why the kernels will not run this BN, judged from the input's value meta (if known)."""
     x = site.args.get("input") if site.form != "module" else site.node.args[0]
@@ -576,6 +602,9 @@ def rewrite_graph(
         new = rewrite_node(gm, site, chosen, follow_module_training=follow, lowering=lowering)
         names[new.name if new is not None else str(site.node.target)] = site.name
         report.rewritten.append((site.name, chosen.method))
+        raised = floor_raise(site, chosen)
+        if raised is not None:
+            report.raised.append((site.name, *raised))
         changed = changed or site.form != "module"
         if lowering == "kernels":
             why = _kernels_refusal(site)

@@ -104,11 +104,17 @@ class RewriteReport:
 
     rewritten: list[str] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: (name, values before, values after) for each node whose sample the floor raised
+    raised: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         text = (
             f"rewrote {len(self.rewritten)} BatchNormalization node(s), skipped {len(self.skipped)}"
         )
+        if self.raised:
+            text += "; the floor raised " + ", ".join(
+                f"{name} from {a} to {b} values" for name, a, b in self.raised
+            )
         if self.skipped:
             text += " (" + "; ".join(f"{name}: {why}" for name, why in self.skipped) + ")"
         return text
@@ -316,6 +322,10 @@ class SampledBatchNormRule(RewriteRuleClassBase):
 
         index = len(self.report.rewritten)  # shared by the rules of one rewrite
         self.report.rewritten.append(node.name or "<unnamed>")
+        if plan.raised:
+            self.report.raised.append(
+                (node.name or "<unnamed>", plan.unfloored_count, plan.count())
+            )
         logger.info("rewrite BatchNormalization %s (plan %s)", node.name, plan)
 
         op = _NamedOps(op, f"{node.name or 'BatchNormalization'}/bnrewrite{index}")

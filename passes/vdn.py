@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,7 @@ from .fx import (
     rewrite_node,
     share_structure,
     warn_unmatched,
+    warn_user,
 )
 from .vdn_analysis import Analysis, analyze
 from .vdn_flow import BatchMixingError
@@ -321,6 +323,7 @@ def rewrite_vdn(
         overrides=overrides,
     )
     names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
+    _warn_few_virtual_values(analysis)
     warn_unmatched(
         names, _as_patterns(include), _as_patterns(exclude), overrides, type(obj).__name__
     )
@@ -387,6 +390,34 @@ def rewrite_vdn(
     gm.meta["bnrewrite_vdn"] = report
     log.info("%s", report)
     return (gm, report) if return_report else gm
+
+
+def _warn_few_virtual_values(analysis: Analysis) -> None:
+    """A ``vdn`` layer whose statistics come from fewer values than the floor (a ``(N, C)`` layer
+    sees ``vdn_samples`` values per channel): the plan cannot raise them without reading real rows
+    (VDN's guarantee), so say it, with the layer, its count and what to do. Needs the input's shape
+    (Dynamo graphs, ``example_inputs=``)."""
+    for site, cfg in analysis.bn:
+        if cfg is None or cfg.method != "vdn":
+            continue
+        x = site.args.get("input") if site.form != "module" else site.node.args[0]
+        meta = _val(x)
+        shape = meta.shape if isinstance(meta, Tensor) else None
+        if shape is None and isinstance(x, fx.Node) and "tensor_meta" in x.meta:
+            shape = getattr(x.meta["tensor_meta"], "shape", None)
+        if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+            continue
+        per_row = math.prod(shape[2:])
+        count = cfg.vdn_samples * per_row
+        if count < cfg.min_count:
+            rows = -(-cfg.min_count // per_row)
+            warn_user(
+                f"bnrewrite VDN: {site.name} takes its statistics from {count} value(s) per "
+                f"channel ({cfg.vdn_samples} virtual row(s) x {per_row} position(s)), under the "
+                f"floor of {cfg.min_count}; use vdn_samples={rows} or more, or "
+                f"overrides={{{site.name!r}: {{'method': 'fs_vdn', 'vdn_samples': "
+                f"{cfg.vdn_samples}}}}} (adds the layer's real rows)"
+            )
 
 
 def _moments_for(moments: Any, name: str, index: int) -> tuple[Tensor, Tensor] | None:

@@ -18,18 +18,36 @@ def ref_take(size: int, f: float) -> int:
     return max(1, min(size, math.ceil(size * f - 1e-9)))
 
 
-def ref_sample(x: Any, method: str, ratio: float) -> Any:
-    """The fixed sample set of ``x`` (N, C, *S) as (N', C, *S'); torch tensors or numpy arrays."""
+#: The documented default of ``SamplingConfig.min_count`` (README, docs/results.md).
+REF_MIN_COUNT = 32
+
+
+def ref_sample(
+    x: Any, method: str, ratio: float, min_count: int = REF_MIN_COUNT, virtual_values: int = 0
+) -> Any:
+    """The fixed sample set of ``x`` (N, C, *S) as (N', C, *S'); torch tensors or numpy arrays.
+
+    The floor (DESIGN.md): a channel's statistics use at least ``min(min_count, available)``
+    values, ``virtual_values`` of which may come from virtual rows (``fs_vdn``). Rows: more rows.
+    FS: every position of the maps.
+    """
     if method == "full":
         return x
-    spatial = x.shape[2:]
+    n, spatial = x.shape[0], list(x.shape[2:])
+    per_row = math.prod(spatial)
     if method in ("bs", "ns"):
-        return x[: ref_take(x.shape[0], ratio)]
+        k = ref_take(n, ratio)
+        if k * per_row + virtual_values < min_count:
+            k = max(k, min(n, math.ceil((min_count - virtual_values) / per_row)))
+        return x[:k]
     if method == "fs" and len(spatial) == 0:
         return x  # one position per map: FS takes part of every map for every sample, i.e. all
     if method == "fs":
         side = ratio ** (1.0 / len(spatial))
-        index = [slice(None), slice(None)] + [slice(0, ref_take(s, side)) for s in spatial]
+        sides = [ref_take(s, side) for s in spatial]
+        if n * math.prod(sides) < min(min_count - virtual_values, n * per_row):
+            sides = spatial  # below the floor: every position of the maps
+        index = [slice(None), slice(None)] + [slice(0, m) for m in sides]
         return x[tuple(index)]
     raise ValueError(f"the reference covers full/ns/bs/fs, got {method!r}")
 
@@ -44,10 +62,11 @@ def ref_batch_norm(
     ratio: float,
     momentum: float,
     eps: float,
+    min_count: int = REF_MIN_COUNT,
 ) -> torch.Tensor:
     """Float64 forward of the contract (training mode); updates the running stats in place."""
     xd = x.double()
-    s = ref_sample(xd, method, ratio)
+    s = ref_sample(xd, method, ratio, min_count)
     dims = [0] + list(range(2, x.dim()))
     n = s.numel() // s.shape[1]
     mean = s.sum(dims) / n

@@ -30,7 +30,7 @@ def test_frozen():
 def test_dict_round_trip(method):
     cfg = SamplingConfig(method=method, sampling="fixed", seed=3)
     d = cfg.to_dict()
-    assert set(d) == {"method", "ratio", "groups", "sampling", "seed", "vdn_samples"}
+    assert set(d) == {"method", "ratio", "groups", "sampling", "seed", "vdn_samples", "min_count"}
     assert SamplingConfig.from_dict(d) == cfg
     assert SamplingConfig(**d) == cfg
 

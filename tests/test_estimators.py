@@ -187,8 +187,11 @@ def test_gradcheck_random_with_replayed_draws(method, ratio, shape):
 
 def test_single_value_per_channel_is_an_error():
     x = torch.randn(4, 3)
+    no_floor = SamplingConfig("bs", ratio=0.25, min_count=1)  # the floor would take all 4 rows
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        sampled_batch_norm(x, None, None, training=True, config=SamplingConfig("bs", ratio=0.25))
+        sampled_batch_norm(x, None, None, training=True, config=no_floor)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # 1 value available
+        sampled_batch_norm(torch.randn(1, 3), None, None, training=True, config="bs")
     with pytest.raises(ValueError, match=r"\(N, C, \*spatial\)"):
         sampled_batch_norm(torch.randn(4), None, None, training=True, config="bs")
 
@@ -203,7 +206,7 @@ def test_vdn_statistics_come_from_the_last_rows():
     var = v.var((0, 2, 3), unbiased=False, keepdim=True)
     torch.testing.assert_close(y, (x - mean) / var.sqrt())
     # fs_vdn: union of the fs patch of the real rows and every virtual element
-    cfg = SamplingConfig(method="fs_vdn", ratio=0.25, vdn_samples=2, sampling="fixed")
+    cfg = SamplingConfig(method="fs_vdn", ratio=0.25, vdn_samples=2, sampling="fixed", min_count=1)
     y = sampled_batch_norm(x, None, None, training=True, config=cfg, eps=0.0)
     real = x[:3, :, :2, :2].permute(1, 0, 2, 3).reshape(3, -1)
     virt = x[3:].permute(1, 0, 2, 3).reshape(3, -1)

@@ -327,7 +327,7 @@ def test_eval_mode_and_fallbacks(monkeypatch):
 def test_gradient_formula_by_hand():
     """The docstring's closed form: dx = s*dy - [a in A] * s/n * (dbeta + xhat*dgamma)."""
     x = _input((8, 4, 3, 3))
-    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed")
+    cfg = SamplingConfig(method="bs", ratio=0.25, sampling="fixed", min_count=1)  # 2 of 8 rows
     xx = x.clone().requires_grad_()
     w = torch.rand(4, device=DEV) + 0.5
     y = fused_sampled_batch_norm(xx, None, None, w, None, True, 0.1, 1e-5, config=cfg)

@@ -61,7 +61,8 @@ def test_random_batch_sampling_takes_cyclic_windows_per_group(groups: int) -> No
     """Every mu_hat is the mean of rows ``(o + j) mod N``, with one ``o`` per channel group."""
     n, c, k = 8, 6, 3
     x = np.random.default_rng(2).standard_normal((n, c, 3, 3)).astype(np.float32)
-    cfg = SamplingConfig(method="bs", ratio=k / n, groups=groups)
+    # min_count=1: the windows themselves are under test (the floor would take every row)
+    cfg = SamplingConfig(method="bs", ratio=k / n, groups=groups, min_count=1)
     model, _ = _stats_model((n, c, 3, 3), cfg)
     row_means = x.astype(np.float64).mean(axis=(2, 3))  # (N, C)
     windows = np.stack(
@@ -172,7 +173,7 @@ def test_random_feature_sampling_lattice_per_row_and_group() -> None:
     decode = {
         (a, b): (lattice[a] + 100 * lattice[b]) / 2 for a in lattice for b in lattice
     }  # (row-0 phase, row-1 phase) -> mu_hat
-    cfg = SamplingConfig(method="fs", ratio=1 / 4, groups=groups, seed=1)
+    cfg = SamplingConfig(method="fs", ratio=1 / 4, groups=groups, seed=1, min_count=1)
     model, _ = _stats_model(x.shape, cfg)
     same_phase = other_phase = 0
     for _y, mu, _var in _runs(ort_session(model), x, 30):

@@ -53,7 +53,8 @@ class RefVDNBatchNorm(nn.Module):
         real, virt = h[:-V], h[-V:]
         parts = [virt]
         if self.method == "fs_vdn":
-            parts.append(ref_sample(real, "fs", self.ratio))
+            virtual_values = virt[:, 0].numel()  # per channel
+            parts.append(ref_sample(real, "fs", self.ratio, virtual_values=virtual_values))
         flat = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
         n = flat.shape[1]
         mean = flat.mean(1)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SamplingConfig
+from ..config import DEFAULT_MIN_COUNT, SamplingConfig
 from ..estimators import draw_offsets, sampled_batch_norm, update_running_stats
 from ..plan import SamplePlan, sample_plan
 
@@ -195,9 +195,15 @@ def _launch_plan(
     groups: int,
     sampling: str,
     vdn_samples: int,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> _Launch:
     cfg = SamplingConfig(
-        method=method, ratio=ratio, groups=groups, sampling=sampling, vdn_samples=vdn_samples
+        method=method,
+        ratio=ratio,
+        groups=groups,
+        sampling=sampling,
+        vdn_samples=vdn_samples,
+        min_count=min_count,
     )
     plan = sample_plan(shape, cfg)
     N, C = shape[0], shape[1]
@@ -386,9 +392,10 @@ def _forward_impl(
     eps: float,
     relu: bool = False,
     residual: Tensor | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
-    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
+    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples, min_count)
     x, cl = _canonical(x)
     dev, C = x.device, lp.C
     off = offsets.contiguous() if offsets is not None else _dummy_offsets(dev)
@@ -463,9 +470,10 @@ def _backward_impl(
     eps: float,
     relu: bool = False,
     residual: Tensor | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tk = _triton_kernels()
-    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples)
+    lp = _launch_plan(tuple(x.shape), method, ratio, groups, sampling, vdn_samples, min_count)
     x, cl = _canonical(x)
     dy = _as_layout(dy, cl)
     dev, C = x.device, lp.C
@@ -542,6 +550,7 @@ def fused_bn_forward(
     eps: float,
     relu: bool,
     residual: Tensor | None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sampled statistics and normalisation (see the module docstring).
 
@@ -554,7 +563,7 @@ def fused_bn_forward(
     """
     return _forward_impl(
         x, weight, bias, running_mean, running_var, offsets, momentum, momentum_t,
-        method, ratio, groups, sampling, vdn_samples, eps, relu, residual,
+        method, ratio, groups, sampling, vdn_samples, eps, relu, residual, min_count,
     )  # fmt: skip
 
 
@@ -576,6 +585,7 @@ def _forward_fake(
     eps: float,
     relu: bool,
     residual: Tensor | None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
@@ -605,6 +615,7 @@ def fused_bn_backward(
     eps: float,
     relu: bool,
     residual: Tensor | None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dgamma, dbeta, dresidual)`` of :func:`fused_bn_forward` (dgamma, dbeta float32).
 
@@ -613,7 +624,7 @@ def fused_bn_backward(
     """
     return _backward_impl(
         dy, x, mean, var, weight, bias, offsets,
-        method, ratio, groups, sampling, vdn_samples, eps, relu, residual,
+        method, ratio, groups, sampling, vdn_samples, eps, relu, residual, min_count,
     )  # fmt: skip
 
 
@@ -634,6 +645,7 @@ def _backward_fake(
     eps: float,
     relu: bool,
     residual: Tensor | None,
+    min_count: int = DEFAULT_MIN_COUNT,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cl = _out_layout(x)
     C = x.shape[1]
@@ -650,20 +662,22 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
         :14
     ]
     relu, residual = inputs[14], inputs[15]
+    min_count = inputs[16] if len(inputs) > 16 else DEFAULT_MIN_COUNT
     _, mean, var, new_rm, new_rv = output
     ctx.save_for_backward(x, weight, bias, offsets, mean, var, residual)
     ctx.config = (method, ratio, groups, sampling, vdn, eps, relu)
+    ctx.min_count = min_count
     ctx.mark_non_differentiable(mean, var, new_rm, new_rv)
 
 
 def _backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Any, ...]:
     x, weight, bias, offsets, mean, var, residual = ctx.saved_tensors
     dx, dg, db, dz = fused_bn_backward(
-        dy, x, mean, var, weight, bias, offsets, *ctx.config, residual
+        dy, x, mean, var, weight, bias, offsets, *ctx.config, residual, ctx.min_count
     )
     dw = dg.to(weight.dtype) if weight is not None else None
     dbias = db.to(bias.dtype) if bias is not None else None  # the bias's own dtype
-    return (dx, dw, dbias) + (None,) * 12 + (dz if residual is not None else None,)
+    return (dx, dw, dbias) + (None,) * 12 + (dz if residual is not None else None, None)
 
 
 fused_bn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -736,6 +750,7 @@ def fused_sampled_batch_norm(
         float(eps),
         bool(relu),
         residual,
+        int(cfg.min_count),
     )
     if in_kernel:
         with torch.no_grad():
