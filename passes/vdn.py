@@ -267,8 +267,9 @@ def rewrite_vdn(
 ) -> Any:
     """Apply VDN / FS+VDN to a whole model or graph; returns a ``GraphModule``.
 
-    ``obj``: an ``nn.Module`` (traced with ``torch.fx.symbolic_trace`` on a deep copy unless
-    ``inplace``), a ``symbolic_trace`` GraphModule, the Dynamo graph a ``torch.compile`` backend
+    ``obj``: an ``nn.Module`` (traced with ``torch.fx.symbolic_trace`` on a copy of its module tree
+    that shares its parameters and buffers; its own modules are never converted, ``inplace`` or
+    not, since a VDN layer outside the VDN graph would be wrong), a ``symbolic_trace`` GraphModule, the Dynamo graph a ``torch.compile`` backend
     receives, or an aten-level GraphModule (``make_fx``, ``torch.export(...).module()``). The result
     takes and returns the user's shapes. ``batch_inputs``: placeholder names (or Dynamo sources such
     as ``"L['x']"``) of the batch inputs, when the default (every tensor input that is not a
@@ -299,7 +300,9 @@ def rewrite_vdn(
         gm = obj if inplace else _copy_graph_module(obj)
         source_training = obj.training
     elif isinstance(obj, nn.Module):
-        model = obj if inplace else share_structure(obj)
+        # Never the model's own modules, even with inplace=True: a VDN layer outside the VDN graph
+        # would take the last real rows for virtual ones (the trap convert_ refuses).
+        model = share_structure(obj)
         if isinstance(model, nn.modules.batchnorm._BatchNorm):
             model = BatchNormRoot(model)
         gm = fx.symbolic_trace(model, **dict(tracer_kwargs or {}))
