@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from bnrewrite.config import SamplingConfig
 from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm, share_structure
@@ -69,7 +70,7 @@ __all__ = [
     "rewrite_graph",
     "rewrite",
     "select_config",
-    "share_structure",
+    "shape_prop",
     "mode_following_nodes",
     "warn_unmatched",
     "warn_user",
@@ -484,21 +485,23 @@ def rewrite_node(
     return new
 
 
-def _input_meta(site: BatchNormSite) -> Any:
+def _input_shape(site: BatchNormSite) -> tuple[Any, ...] | None:
     x = site.args.get("input") if site.form != "module" else site.node.args[0]
-    if isinstance(x, fx.Node):
-        return x.meta.get("example_value", x.meta.get("val"))
-    return None
+    if not isinstance(x, fx.Node):
+        return None
+    meta = x.meta.get("example_value", x.meta.get("val"))
+    if isinstance(meta, torch.Tensor):
+        return tuple(meta.shape)
+    tm = x.meta.get("tensor_meta")  # shape_prop / example_inputs
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def floor_raise(site: BatchNormSite, config: SamplingConfig) -> tuple[int, int] | None:
     """``(before, after)`` when the floor raises this BN's sample, if the input shape is known."""
-    meta = _input_meta(site)
-    if not isinstance(meta, torch.Tensor) or meta.dim() < 2:
+    shape = _input_shape(site)
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
         return None
-    if not all(isinstance(d, int) for d in meta.shape):
-        return None
-    plan = sample_plan(tuple(meta.shape), config)
+    plan = sample_plan(shape, config)
     return (plan.unfloored_count, plan.count()) if plan.raised else None
 
 
@@ -648,6 +651,19 @@ def _rewrite_exported(ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any]) -> A
     return ep, report
 
 
+def shape_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Fill ``tensor_meta`` by running ``gm`` once; parameters and buffers are restored after."""
+    saved = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        with torch.no_grad():
+            for k, v in gm.state_dict(keep_vars=True).items():
+                if k in saved:
+                    v.copy_(saved[k])
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` (graph, code generator, meta) whose parameters and buffers are ``gm``'s."""
     new = copy.deepcopy(gm)
@@ -795,6 +811,7 @@ def rewrite(
     return_report: bool = False,
     tracer_kwargs: Mapping[str, Any] | None = None,
     lowering: str = "torch",
+    example_inputs: Sequence[Any] | None = None,
 ) -> Any:
     """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram, node by
     node (every method but ``vdn`` / ``fs_vdn``, which need the whole graph:
@@ -825,6 +842,9 @@ def rewrite(
     ``lowering="kernels"``: the rewritten BN run the fused Triton kernels on CUDA, with ReLU and
     residual-add + ReLU epilogues fused (see :func:`rewrite_graph`); ``"torch"`` (default): the
     estimator as aten ops.
+
+    ``example_inputs``: run the traced graph once on them (state restored) so that the report
+    knows each BN's input shape and lists the layers whose sample the floor raises.
     """
     cfg = SamplingConfig.coerce(config)
     check_lowering(lowering, cfg)
@@ -856,6 +876,8 @@ def rewrite(
             f"rewrite expects an nn.Module, a torch.fx.GraphModule or a "
             f"torch.export.ExportedProgram, got {type(obj).__name__}"
         )
+    if example_inputs is not None:
+        shape_prop(gm, example_inputs)
     report = rewrite_graph(gm, cfg, **opts, follow_module_training=follows, lowering=lowering)
     gm.meta["bnrewrite"] = report
     if inplace and isinstance(obj, nn.Module) and not isinstance(obj, fx.GraphModule):

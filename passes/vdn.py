@@ -63,6 +63,7 @@ from .fx import (
     _as_patterns,
     _copy_graph_module,
     rewrite_node,
+    shape_prop,
     share_structure,
     warn_unmatched,
     warn_user,
@@ -155,21 +156,6 @@ def _is_aten_graph(gm: fx.GraphModule) -> bool:
         and n.target.namespace == "aten"
         for n in gm.graph.nodes
     )
-
-
-def _shape_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Fill ``tensor_meta`` by running ``gm`` once; parameters and buffers are restored after."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    saved = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        with torch.no_grad():
-            for k, v in gm.state_dict(keep_vars=True).items():
-                if k in saved:
-                    v.copy_(saved[k])
 
 
 class _Emitter:
@@ -315,7 +301,7 @@ def rewrite_vdn(
     if example_inputs is not None and not any(
         _val(n) is not None for n in gm.graph.nodes if n.op == "placeholder"
     ):
-        _shape_prop(gm, example_inputs)  # meta only; parameters and buffers are restored
+        shape_prop(gm, example_inputs)  # meta only; parameters and buffers are restored
     analysis = analyze(
         gm,
         cfg,

@@ -160,3 +160,19 @@ def test_fused_kernels_obey_the_floor():
                           "bs", 1 / 8, 0.1, 1e-5)  # fmt: skip
     torch.testing.assert_close(y.double().cpu(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rv.double().cpu(), rv2, rtol=1e-5, atol=1e-6)
+
+
+def test_module_report_names_raised_layers_given_example_inputs():
+    """``rewrite(model, cfg, example_inputs=...)``: the traced graph learns its shapes (state
+    restored), so module-form BN are reported too."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 6)
+    _, report = bnrewrite.rewrite(
+        model, SamplingConfig("bs", ratio=1 / 16), example_inputs=(x,), return_report=True
+    )
+    assert report.raised == [("1", 4, 32)]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    _, plain = bnrewrite.rewrite(model, SamplingConfig("bs", ratio=1 / 16), return_report=True)
+    assert plain.raised == []  # without shapes the graph cannot know
