@@ -32,8 +32,8 @@ unset TRITON_INTERPRET
 } > "$OUT/env_$MODE.txt" 2>&1
 cat "$OUT/env_$MODE.txt"
 
-# bnrewrite.passes lives in passes/ (package-dir): an editable install without network makes it
-# importable (the backend needs it); if that fails, PYTHONPATH still serves bnrewrite.kernels.
+# bnrewrite.passes lives in passes/ (package-dir). From this checkout it imports with no install
+# (bnrewrite/_source_checkout.py); the editable install below is the fallback for other layouts.
 if ! "$PY" -c "import bnrewrite.passes" >/dev/null 2>&1; then
   "$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/pip.txt" 2>&1 \
     || echo "editable install failed (see pip.txt); bnrewrite.passes / the backend may be missing"
