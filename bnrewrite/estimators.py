@@ -197,40 +197,31 @@ def _channel_sum(t: Tensor) -> Tensor:
 def sample_statistics(
     x: Tensor, plan: SamplePlan, offsets: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Biased mean and variance over the sample set, float32 (float64 for float64 inputs)."""
+    """Biased mean and variance over the sample set, float32 (float64 for float64 inputs).
+
+    Two passes over the parts of the sample set: ``mean = sum / n``, then
+    ``var = sum((a - mean)^2) / n``. A part is a gathered sample (:func:`sample_parts`), or -- with
+    symbolic sizes -- the real rows weighted by their 0/1 :func:`sample_mask`: the same sums.
+    """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n = plan.count()
     if plan.include_real and plan.axes and _has_symbolic_axis(plan):
-        return _masked_statistics(x, plan, offsets, acc, n)
-    parts = [p.to(acc) for p in sample_parts(x, plan, offsets)]
-    total = _channel_sum(parts[0])
-    for p in parts[1:]:
-        total = total + _channel_sum(p)
-    mean = total / n
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    centered = mean.view(shape)
-    sq = _channel_sum((parts[0] - centered).square())
-    for p in parts[1:]:
-        sq = sq + _channel_sum((p - centered).square())
-    return mean, sq / n
+        real = (x.narrow(0, 0, plan.real_rows) if plan.virtual_rows else x).to(acc)
+        parts: list[tuple[Tensor, Tensor | None]] = [
+            (real, sample_mask(real, plan, offsets).to(acc))
+        ]
+        if plan.virtual_rows:
+            parts.append((x.narrow(0, plan.real_rows, plan.virtual_rows).to(acc), None))
+    else:
+        parts = [(p.to(acc), None) for p in sample_parts(x, plan, offsets)]
+    n = plan.count()
 
+    def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
+        return _channel_sum(t if w is None else t * w)
 
-def _masked_statistics(
-    x: Tensor, plan: SamplePlan, offsets: Tensor | None, acc: torch.dtype, n: Any
-) -> tuple[Tensor, Tensor]:
-    """:func:`sample_statistics` over :func:`sample_mask` (symbolic sizes): the same sums."""
-    real = (x.narrow(0, 0, plan.real_rows) if plan.virtual_rows else x).to(acc)
-    weight = sample_mask(real, plan, offsets).to(acc)
-    virtual = x.narrow(0, plan.real_rows, plan.virtual_rows).to(acc) if plan.virtual_rows else None
-    total = _channel_sum(real * weight)
-    if virtual is not None:
-        total = total + _channel_sum(virtual)
-    mean = total / n
+    mean = sum(weighted_sum(t, w) for t, w in parts) / n
     centered = mean.view([1, -1] + [1] * (x.dim() - 2))
-    sq = _channel_sum((real - centered).square() * weight)
-    if virtual is not None:
-        sq = sq + _channel_sum((virtual - centered).square())
-    return mean, sq / n
+    var = sum(weighted_sum((t - centered).square(), w) for t, w in parts) / n
+    return mean, var
 
 
 def normalize(

@@ -161,8 +161,6 @@ def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
         side = config.ratio ** (1.0 / len(spatial))
         counts = [take(size, side) for size in spatial]
         axes.extend(_lattice(spatial, counts, random))
-    unfloored = _count(real, spatial, axes, virtual, method != "vdn")
-    axes = _apply_floor(axes, real, spatial, virtual, config.min_count, random, method)
     groups = 1 if method == "ns" else config.groups
     if isinstance(channels, int):
         groups = min(groups, channels)
@@ -176,9 +174,8 @@ def sample_plan(shape: Sequence[Any], config: SamplingConfig) -> SamplePlan:
         random=random and len(axes) > 0,  # not bool(list): Dynamo 2.11 cannot trace it
         include_real=method != "vdn",
         floor=config.min_count,
-        unfloored_count=unfloored,
     )
-    return plan
+    return dataclasses.replace(plan, axes=tuple(_apply_floor(plan)), unfloored_count=plan.count())
 
 
 def _lattice(spatial: Sequence[Any], counts: Sequence[Any], random: bool) -> list[SampledAxis]:
@@ -188,31 +185,17 @@ def _lattice(spatial: Sequence[Any], counts: Sequence[Any], random: bool) -> lis
     ]
 
 
-def _count(real: Any, spatial: Sequence[Any], axes: Sequence[SampledAxis], virtual: int,
-           include_real: bool) -> Any:  # fmt: skip
-    sizes = [real, *spatial]
-    for ax in axes:
-        sizes[0 if ax.axis == 0 else ax.axis - 1] = ax.count
-    return (math.prod(sizes) if include_real else 0) + virtual * math.prod(spatial)
-
-
-def _apply_floor(
-    axes: list[SampledAxis],
-    real: Any,
-    spatial: Sequence[Any],
-    virtual: int,
-    floor: int,
-    random: bool,
-    method: str,
-) -> list[SampledAxis]:
-    """Raise the real-row sample until a channel's statistics use ``>= min(floor, available)``
-    values (the floor). Rows: more rows. FS: every position of the maps. ``vdn`` has no real part to raise (VDN's guarantee: statistics never
-    read a real row); the VDN pass warns instead. Symbolic sizes (dynamic shapes) give the same
-    sample: rows as a ``sym_max`` expression, FS through an inequality guard."""
-    if method == "vdn" or not axes:
+def _apply_floor(plan: SamplePlan) -> list[SampledAxis]:
+    """The axes of ``plan`` raised until a channel's statistics use ``>= min(floor, available)``
+    values (the floor). Rows: more rows. FS: every position of the maps. ``vdn`` has no real part
+    to raise (VDN's guarantee: statistics never read a real row); the VDN pass warns instead.
+    Symbolic sizes (dynamic shapes) give the same sample: rows as a ``sym_max`` expression, FS
+    through an inequality guard."""
+    axes, floor = list(plan.axes), plan.floor
+    if not plan.include_real or not axes:
         return axes
-    per_row = math.prod(spatial)
-    vcount = virtual * per_row
+    real, spatial = plan.real_rows, plan.spatial
+    per_row, vcount = math.prod(spatial), plan.virtual_count()
     if axes[0].axis == 0:  # rows
         ax = axes[0]
         if all(isinstance(v, int) for v in (real, per_row, ax.count)):
@@ -223,16 +206,16 @@ def _apply_floor(
         need_rows = (floor - vcount + per_row - 1) // per_row
         k = torch.sym_max(ax.count, torch.sym_min(real, need_rows))
         return [SampledAxis(0, ax.size, k, 1)]
-    counts = [ax.count for ax in axes]
-    target = min(floor - vcount, real * per_row) if isinstance(real * per_row, int) else None
-    if target is None:
+    available = real * per_row
+    if isinstance(available, int):
+        target = min(floor - vcount, available)
+    else:
         import torch
 
-        target = torch.sym_min(floor - vcount, real * per_row)
-    if not bool(real * math.prod(counts) < target):  # a SymBool answers from its hint (a guard)
+        target = torch.sym_min(floor - vcount, available)
+    if not bool(plan.real_count() < target):  # a SymBool answers from its hint (a guard)
         return axes
     # Below the floor, FS takes every position of its maps: one rule for concrete and symbolic
     # sizes (the condition is an inequality guard; no size becomes concrete), and it only meets
     # small maps or tiny batches, where whole maps are cheap.
-    counts = list(spatial)
-    return _lattice(spatial, counts, random)
+    return _lattice(spatial, list(spatial), plan.random)

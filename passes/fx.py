@@ -71,6 +71,7 @@ __all__ = [
     "rewrite",
     "select_config",
     "shape_prop",
+    "input_shape",
     "mode_following_nodes",
     "warn_unmatched",
     "warn_user",
@@ -485,20 +486,25 @@ def rewrite_node(
     return new
 
 
-def _input_shape(site: BatchNormSite) -> tuple[Any, ...] | None:
+def _input_value(site: BatchNormSite) -> Any:
+    """The example value of the BN's input (Dynamo, export, make_fx graphs), else ``None``."""
     x = site.args.get("input") if site.form != "module" else site.node.args[0]
-    if not isinstance(x, fx.Node):
-        return None
-    meta = x.meta.get("example_value", x.meta.get("val"))
+    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+
+
+def input_shape(site: BatchNormSite) -> tuple[Any, ...] | None:
+    """The shape of the BN's input: from its example value or ``shape_prop``'s ``tensor_meta``."""
+    meta = _input_value(site)
     if isinstance(meta, torch.Tensor):
         return tuple(meta.shape)
-    tm = x.meta.get("tensor_meta")  # shape_prop / example_inputs
+    x = site.args.get("input") if site.form != "module" else site.node.args[0]
+    tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def floor_raise(site: BatchNormSite, config: SamplingConfig) -> tuple[int, int] | None:
     """``(before, after)`` when the floor raises this BN's sample, if the input shape is known."""
-    shape = _input_shape(site)
+    shape = input_shape(site)
     if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
         return None
     plan = sample_plan(shape, config)
@@ -507,10 +513,7 @@ def floor_raise(site: BatchNormSite, config: SamplingConfig) -> tuple[int, int] 
 
 def _kernels_refusal(site: BatchNormSite) -> str | None:
     """Why the kernels will not run this BN, judged from the input's value meta (if known)."""
-    x = site.args.get("input") if site.form != "module" else site.node.args[0]
-    meta = None
-    if isinstance(x, fx.Node):
-        meta = x.meta.get("example_value", x.meta.get("val"))
+    meta = _input_value(site)
     if not isinstance(meta, torch.Tensor):
         return None  # unknown until run time (symbolic_trace graphs)
     from bnrewrite.kernels.ops import kernels_refusal

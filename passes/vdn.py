@@ -56,15 +56,16 @@ from torch import Tensor, fx, nn
 
 from bnrewrite.config import SamplingConfig
 from bnrewrite.estimators import fixed_virtual_rows
+from bnrewrite.modules import share_structure
 
 from .fx import (
     BatchNormRoot,
     RewriteReport,
     _as_patterns,
     _copy_graph_module,
+    input_shape,
     rewrite_node,
     shape_prop,
-    share_structure,
     warn_unmatched,
     warn_user,
 )
@@ -389,11 +390,7 @@ def _warn_few_virtual_values(analysis: Analysis) -> None:
     for site, cfg in analysis.bn:
         if cfg is None or cfg.method != "vdn":
             continue
-        x = site.args.get("input") if site.form != "module" else site.node.args[0]
-        meta = _val(x)
-        shape = meta.shape if isinstance(meta, Tensor) else None
-        if shape is None and isinstance(x, fx.Node) and "tensor_meta" in x.meta:
-            shape = getattr(x.meta["tensor_meta"], "shape", None)
+        shape = input_shape(site)
         if shape is None or not all(isinstance(d, int) for d in shape[2:]):
             continue
         per_row = math.prod(shape[2:])
