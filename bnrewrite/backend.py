@@ -12,7 +12,8 @@ Entry points:
 * ``torch.compile(model, backend="bnrewrite", options={...})`` -- registered through the
   ``torch_dynamo_backends`` entry point (``bnrewrite.backend:bnrewrite_backend``), no import
   needed. ``options`` holds :class:`bnrewrite.SamplingConfig` fields plus ``mode`` (an Inductor
-  mode, passed on), ``include`` / ``exclude`` (fnmatch patterns over module names), ``overrides``,
+  mode, passed on), ``include`` / ``exclude`` (fnmatch patterns over module names), ``overrides``
+  (``{module path or pattern: config or None}``, or the path of a ``bnrewrite budget`` JSON file),
   ``inner`` (``"inductor"`` default, ``"aot_eager"``, ``"eager"``) and ``lowering``
   (``"torch"`` default: the estimator as aten ops, which Inductor fuses; ``"kernels"``: the fused
   Triton kernels of :mod:`bnrewrite.kernels` with ReLU / residual-add + ReLU epilogues folded in,
@@ -81,6 +82,11 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[SamplingConfig, di
                 + ", ".join(repr(k) for k in known)
             )
     settings = {k: options.pop(k) for k in BACKEND_OPTIONS if k in options}
+    if settings.get("overrides") is not None:
+        # a path to a JSON file (``bnrewrite budget``) or a mapping; validated here, once
+        from .budget import load_overrides
+
+        settings["overrides"] = load_overrides(settings["overrides"])
     return SamplingConfig.from_dict(options), settings
 
 

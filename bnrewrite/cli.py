@@ -27,6 +27,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, method_default: str | Non
     p.add_argument("--sampling", default="random", help="random (default) or fixed")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible random sampling")
     p.add_argument("--vdn-samples", type=int, default=None, help="virtual rows for vdn / fs_vdn")
+    p.add_argument(
+        "--min-count", type=int, default=None, help="floor: values per channel at least (32)"
+    )
 
 
 def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
@@ -41,6 +44,7 @@ def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
         sampling=args.sampling,
         seed=args.seed,
         vdn_samples=args.vdn_samples,
+        min_count=getattr(args, "min_count", None),
     )
 
 
@@ -50,6 +54,7 @@ def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bnrewrite.apps.demo", "train BN vs every sampling method on embedded real data"),
     "diagnose": ("bnrewrite.apps.diagnose", "per-layer estimation error of each method"),
+    "budget": ("bnrewrite.apps.budget", "per-layer sample budget from an error target, as JSON"),
     "bench": ("bnrewrite.apps.bench", "benchmark table: sampled BN vs cuDNN vs torch.compile"),
     "onnx": ("bnrewrite.onnx.cli", "rewrite the training BatchNormalization of an ONNX model"),
 }

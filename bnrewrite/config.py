@@ -19,15 +19,30 @@ Methods (Chen et al., TNNLS 2021):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["METHODS", "SAMPLINGS", "SamplingConfig", "parse_ratio", "take"]
+__all__ = [
+    "METHODS",
+    "SAMPLINGS",
+    "VIRTUALS",
+    "SamplingConfig",
+    "parse_ratio",
+    "select_config",
+    "take",
+]
 
 METHODS: tuple[str, ...] = ("full", "ns", "bs", "fs", "vdn", "fs_vdn")
 SAMPLINGS: tuple[str, ...] = ("random", "fixed")
+#: Where ``vdn`` / ``fs_vdn`` virtual rows come from: ``running`` -- ``mean + std * z`` with the
+#: per-feature moments of the real inputs seen in *earlier* calls (standard normal until two real
+#: samples were seen); ``memory`` -- real inputs of earlier calls, drawn from a ring of the last
+#: 64; ``normal`` -- plain standard normal ``z``. Default: ``running`` for random
+#: sampling, ``normal`` for fixed sampling (whose rows are the same on every call).
+VIRTUALS: tuple[str, ...] = ("running", "memory", "normal")
 
 #: Default ratio per method: 1/8 of the batch for ns/bs, 1/16 of the spatial extent for fs/fs_vdn.
 DEFAULT_RATIO: dict[str, float] = {
@@ -94,9 +109,10 @@ def _choices(values: tuple[str, ...]) -> str:
 class SamplingConfig:
     """How a BatchNorm layer estimates its statistics. Frozen and validated on construction.
 
-    ``ratio``, ``groups``, ``vdn_samples`` and ``min_count`` left as ``None`` take the defaults
-    (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples, a floor of
-    ``DEFAULT_MIN_COUNT`` values per channel), so that
+    ``ratio``, ``groups``, ``vdn_samples``, ``min_count`` and ``virtual`` left as ``None`` take the
+    defaults (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples, a floor of
+    ``DEFAULT_MIN_COUNT`` values per channel, ``running`` virtual rows for random sampling and
+    ``normal`` ones for fixed sampling), so that
     ``SamplingConfig(method="fs")`` is a complete config and ``to_dict`` shows concrete values.
     """
 
@@ -107,6 +123,7 @@ class SamplingConfig:
     seed: int | None = None
     vdn_samples: int | None = None
     min_count: int | None = None
+    virtual: str | None = None
 
     def __post_init__(self) -> None:
         method = self.method.lower() if isinstance(self.method, str) else self.method
@@ -166,6 +183,17 @@ class SamplingConfig:
             )
         object.__setattr__(self, "min_count", floor)
 
+        virtual = self.virtual
+        if virtual is None:
+            virtual = "normal" if sampling == "fixed" else "running"
+        virtual = virtual.lower() if isinstance(virtual, str) else virtual
+        if virtual not in VIRTUALS:
+            raise ValueError(
+                f"virtual must be one of {_choices(VIRTUALS)} (where vdn / fs_vdn virtual rows come "
+                f"from), got {self.virtual!r}"
+            )
+        object.__setattr__(self, "virtual", virtual)
+
     # -- derived properties -------------------------------------------------------------------
     @property
     def uses_virtual_rows(self) -> bool:
@@ -218,3 +246,34 @@ class SamplingConfig:
             f"config must be a SamplingConfig, a dict of its fields or a method name, "
             f"got {type(config).__name__}"
         )
+
+
+def _matches(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def select_config(
+    name: str | Sequence[str],
+    config: SamplingConfig,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    overrides: Mapping[str, Any] | None,
+) -> SamplingConfig | None:
+    """The config of the BN layer called ``name`` (or any of several names: an ONNX node's name
+    and its module path); ``None`` when it is filtered out. ``include`` / ``exclude``: ``fnmatch``
+    patterns; ``overrides``: ``{name or pattern: config, dict or None}``, an exact name first,
+    then the first matching pattern; ``None`` keeps the layer's BatchNorm."""
+    names = [name] if isinstance(name, str) else [n for n in name if n]
+    if include is not None and not _matches(names, include):
+        return None
+    if exclude and _matches(names, exclude):
+        return None
+    if overrides:
+        for n in names:
+            if n in overrides:
+                value = overrides[n]
+                return None if value is None else SamplingConfig.coerce(value)
+        for pattern, value in overrides.items():
+            if _matches(names, [pattern]):
+                return None if value is None else SamplingConfig.coerce(value)
+    return config

@@ -36,6 +36,10 @@ from .plan import SampledAxis, SamplePlan, sample_plan
 __all__ = [
     "draw_offsets",
     "fixed_virtual_rows",
+    "merge_input_moments",
+    "moment_matched_rows",
+    "remember_rows",
+    "replayed_rows",
     "gather_sample",
     "sample_mask",
     "sample_parts",
@@ -101,6 +105,72 @@ def fixed_virtual_rows(shape: tuple[int, ...], seed: int) -> Tensor:
     """
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randn(tuple(int(d) for d in shape), generator=gen, dtype=torch.float64)
+
+
+#: Samples of history the running input moments of VDN keep at most (an average over the last
+#: ~1024 real samples once that many were seen; a cumulative average before).
+INPUT_MOMENTS_WINDOW = 1024
+
+
+@torch.no_grad()
+def merge_input_moments(x: Tensor, mean: Tensor, var: Tensor, count: Tensor) -> None:
+    """Fold the real rows ``x`` (``(N, *F)``) into running per-feature moments, in place.
+
+    Chan's merge of ``(count, mean, var)`` with the batch's ``(N, mean_b, var_b)`` (biased
+    variances, float32), the old part's weight capped at ``INPUT_MOMENTS_WINDOW - N`` samples::
+
+        c = min(count, W - N),  t = c + N,  d = mean_b - mean
+        mean += d * N / t,      var = (c * var + N * var_b + d^2 * c * N / t) / t,   count = t
+    """
+    n = x.shape[0]
+    if n == 0:
+        return
+    xf = x.detach().to(mean.dtype)
+    var_b, mean_b = torch.var_mean(xf, dim=0, unbiased=False)
+    c = count.clamp(max=max(INPUT_MOMENTS_WINDOW - n, 0))
+    t = c + n
+    d = mean_b - mean
+    var.copy_((c * var + n * var_b + d * d * (c * n / t)) / t)
+    mean.add_(d * (n / t))
+    count.copy_(t)
+
+
+def moment_matched_rows(z: Tensor, mean: Tensor, var: Tensor, count: Tensor) -> Tensor:
+    """Virtual rows ``mean + sqrt(var) * z`` in ``z``'s dtype, or ``z`` itself (standard normal)
+    while fewer than two real samples were seen (``count < 2``: no variance yet)."""
+    known = count >= 2
+    mu = torch.where(known, mean, torch.zeros_like(mean))
+    sd = torch.where(known, var.sqrt(), torch.ones_like(var))
+    return (z.to(mean.dtype) * sd + mu).to(z.dtype)
+
+
+#: Real inputs that ``virtual="memory"`` keeps (a ring of the most recent ones).
+MEMORY_ROWS = 64
+
+
+def replayed_rows(z: Tensor, memory: Tensor, filled: Tensor) -> Tensor:
+    """``virtual="memory"``: ``len(z)`` rows drawn uniformly (with replacement) from the first
+    ``filled`` rows of ``memory`` -- real inputs of *earlier* calls --, or ``z`` (standard normal)
+    while the memory is empty. No host synchronisation."""
+    u = torch.rand(z.shape[0], device=memory.device)
+    idx = (u * filled.clamp(min=1)).long().clamp(max=memory.shape[0] - 1)
+    picks = memory.index_select(0, idx).to(z.dtype)
+    return torch.where(filled > 0, picks, z)
+
+
+@torch.no_grad()
+def remember_rows(x: Tensor, memory: Tensor, filled: Tensor, cursor: Tensor) -> None:
+    """Write the real rows ``x`` into the ring ``memory`` at ``cursor`` (the last ``len(memory)``
+    rows when ``x`` has more), in place."""
+    size = memory.shape[0]
+    rows = x.detach()[-size:]
+    n = rows.shape[0]
+    if n == 0:
+        return
+    pos = (cursor + torch.arange(n, device=memory.device)) % size
+    memory.index_copy_(0, pos, rows.to(memory.dtype))
+    cursor.copy_((cursor + n) % size)
+    filled.copy_((filled + n).clamp(max=size))
 
 
 def axis_indices(ax: SampledAxis, offsets: Tensor, column: int) -> Tensor:

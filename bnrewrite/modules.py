@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import SamplingConfig
+from .config import SamplingConfig, select_config
 from .estimators import sampled_batch_norm
 
 __all__ = [
@@ -181,15 +182,26 @@ def refuse_virtual_rows(cfg: SamplingConfig, where: str) -> None:
         )
 
 
-def convert_(model: nn.Module, config: SamplingConfig | dict[str, Any] | str | None) -> nn.Module:
+def convert_(
+    model: nn.Module,
+    config: SamplingConfig | dict[str, Any] | str | None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """Swap every ``nn.BatchNorm1d/2d/3d`` of ``model`` for its sampled twin, in place.
 
     Parameters and buffers are shared, so optimisers built before the call keep working and the
     ``state_dict`` is unchanged. ``nn.SyncBatchNorm`` is left alone (its cross-process statistics
-    are not sampled) and logged. Returns ``model``.
+    are not sampled) and logged. ``overrides``: ``{module path or fnmatch pattern: config or
+    None}`` (``None`` keeps that layer's BatchNorm), as for :func:`bnrewrite.rewrite`; an
+    automatic budget's ``Budget.overrides`` or :func:`bnrewrite.budget.load_overrides`. Returns
+    ``model``.
     """
     cfg = SamplingConfig.coerce(config)
     refuse_virtual_rows(cfg, "convert_")
+    for value in (overrides or {}).values():
+        if value is not None:
+            refuse_virtual_rows(SamplingConfig.coerce(value), "convert_")
     converted = 0
     for name, child in list(model.named_modules()):
         for attr, sub in list(child._modules.items()):
@@ -200,7 +212,11 @@ def convert_(model: nn.Module, config: SamplingConfig | dict[str, Any] | str | N
                 log.info("convert_: skipped %s (SyncBatchNorm is not converted)", qual)
                 continue
             if type(sub) in _SAMPLED or type(sub) in _SAMPLED.values():
-                child._modules[attr] = from_batch_norm(sub, cfg)
+                chosen = select_config(qual, cfg, None, None, overrides)
+                if chosen is None:
+                    log.info("convert_: kept %s (overrides: None)", qual)
+                    continue
+                child._modules[attr] = from_batch_norm(sub, chosen)
                 converted += 1
     log.info("convert_: %d BatchNorm layer(s) converted to method %r", converted, cfg.method)
     return model

@@ -38,7 +38,8 @@ Channel ``c`` belongs to group ``c * G // C`` (contiguous, balanced groups; ``G 
 
 Floor. No channel's statistics come from fewer than ``config.min_count`` values, or from all the
 real values when there are fewer: row sampling takes more rows, FS every position of its maps. ``unfloored_count`` keeps the count before, for reports.
-``vdn`` has no real part to raise (its statistics never read a real row): the VDN pass warns.
+``vdn`` has no real part to raise (its statistics never read a real row): the VDN passes carry
+more virtual rows instead (:func:`virtual_rows_for_floor`).
 
 The per-channel count of the sample set is ``n = N' * prod(counts) * prod(unsampled sizes)`` plus
 ``virtual_rows * prod(S)`` for the virtual part; running variance uses ``n / (n - 1)``.
@@ -53,7 +54,13 @@ from typing import Any
 
 from .config import SamplingConfig, take
 
-__all__ = ["SampledAxis", "SamplePlan", "sample_plan", "channel_group_of"]
+__all__ = [
+    "SampledAxis",
+    "SamplePlan",
+    "sample_plan",
+    "channel_group_of",
+    "virtual_rows_for_floor",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,3 +226,12 @@ def _apply_floor(plan: SamplePlan) -> list[SampledAxis]:
     # sizes (the condition is an inequality guard; no size becomes concrete), and it only meets
     # small maps or tiny batches, where whole maps are cheap.
     return _lattice(spatial, list(spatial), plan.random)
+
+
+def virtual_rows_for_floor(config: SamplingConfig, positions: int) -> int:
+    """Virtual rows a ``vdn`` layer with ``positions`` values per row and channel needs:
+    ``max(vdn_samples, ceil(min_count / positions))`` (a ``(N, C)`` layer: ``min_count`` rows).
+    The VDN passes (FX and ONNX) give the whole graph the most that any of its layers needs."""
+    if config.method != "vdn":
+        return config.vdn_samples
+    return max(config.vdn_samples, -(-config.min_count // max(1, positions)))

@@ -41,7 +41,7 @@ import operator
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bnrewrite.config import SamplingConfig
+from bnrewrite.config import SamplingConfig, select_config
 from bnrewrite.modules import SampledBatchNormMixin, from_batch_norm, share_structure
 from bnrewrite.ops import (
     config_to_str,
@@ -522,32 +522,6 @@ def _kernels_refusal(site: BatchNormSite) -> str | None:
 
 
 # -- selection ----------------------------------------------------------------------------------
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def select_config(
-    name: str,
-    config: SamplingConfig,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    overrides: Mapping[str, Any] | None,
-) -> SamplingConfig | None:
-    """The config of the BN named ``name``; ``None`` when it is filtered out by name."""
-    if include is not None and not _matches(name, include):
-        return None
-    if exclude and _matches(name, exclude):
-        return None
-    if overrides:
-        if name in overrides:
-            value = overrides[name]
-            return None if value is None else SamplingConfig.coerce(value)
-        for pattern, value in overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return None if value is None else SamplingConfig.coerce(value)
-    return config
-
-
 def _as_patterns(value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None

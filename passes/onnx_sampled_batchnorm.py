@@ -63,22 +63,24 @@ Cases (``check`` declines, with a reason, everything else):
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from ..config import SamplingConfig
+from ..config import SamplingConfig, select_config
 from ..plan import SamplePlan, channel_group_of, sample_plan
 
 __all__ = [
     "ONNX_UNSUPPORTED_METHODS",
     "RewriteReport",
     "SampledBatchNormRule",
+    "layer_names",
     "sampled_batchnorm_rules",
 ]
 
@@ -243,10 +245,13 @@ class SampledBatchNormRule(RewriteRuleClassBase):
         num_outputs: int,
         report: RewriteReport,
         allow_virtual_rows: bool = False,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(name=f"SampledBatchNorm{num_outputs}", remove_nodes=True)
         _check_method(config, allow_virtual_rows)
         self.config = config
+        self.overrides = overrides
+        self._chosen = config  # the config of the node ``check`` accepted last
         self.num_outputs = num_outputs
         self.report = report
         self._opset = 0  # set by ``check``, which runs right before ``rewrite``
@@ -283,8 +288,12 @@ class SampledBatchNormRule(RewriteRuleClassBase):
         shape = tuple(int(d) for d in x.shape)
         if len(shape) < 2:
             return self._decline(node, f"input shape {shape} has fewer than 2 dims")
+        chosen = select_config(layer_names(node), self.config, None, None, self.overrides)
+        if chosen is None:
+            return self._decline(node, "kept as BatchNormalization (overrides: None)")
+        self._chosen = chosen
         try:
-            plan = sample_plan(shape, self.config)
+            plan = sample_plan(shape, chosen)
         except ValueError as exc:  # vdn/fs_vdn: fewer rows than virtual rows
             return self._decline(node, str(exc))
         if plan.count() <= 1:
@@ -311,7 +320,8 @@ class SampledBatchNormRule(RewriteRuleClassBase):
         node = outs["out0"].producer()
         opset = self._opset
         shape = tuple(int(d) for d in x.shape)
-        plan = sample_plan(shape, self.config)
+        config = self._chosen
+        plan = sample_plan(shape, config)
         eps = float(_attr(node, "epsilon", 1e-5))
         momentum = float(_attr(node, "momentum", 0.9))
         acc = _ACCUMULATE[x.dtype]
@@ -337,8 +347,8 @@ class SampledBatchNormRule(RewriteRuleClassBase):
                 real = _slice(op, xa, 0, 0, int(plan.real_rows), opset)
             if plan.random:
                 seed = None
-                if self.config.seed is not None:
-                    seed = float((self.config.seed + 7919 * index) % (1 << 24))
+                if config.seed is not None:
+                    seed = float((config.seed + 7919 * index) % (1 << 24))
                 real = _random_sample(op, real, plan, seed, index, opset)
             else:
                 for ax in plan.axes:
@@ -393,14 +403,56 @@ def _check_method(config: SamplingConfig, allow_virtual_rows: bool) -> None:
 
 
 def sampled_batchnorm_rules(
-    config: SamplingConfig, report: RewriteReport, *, allow_virtual_rows: bool = False
+    config: SamplingConfig,
+    report: RewriteReport,
+    *,
+    allow_virtual_rows: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> RewriteRuleSet:
     """The rule set: one rule per output count (5 down to 1), sharing ``report`` and seeds.
 
     ``allow_virtual_rows`` (for :mod:`bnrewrite.passes.onnx_vdn` only): accept ``vdn``/``fs_vdn``,
     whose BN inputs already carry the virtual rows as their last ``vdn_samples`` rows.
+    ``overrides``: ``{name or pattern: config or None}`` matched against each node's name and its
+    module path (:func:`layer_names`), as :func:`bnrewrite.rewrite` matches module paths.
     """
     _check_method(config, allow_virtual_rows)
-    return RewriteRuleSet(
-        [SampledBatchNormRule.rule(config, k, report, allow_virtual_rows) for k in (5, 4, 3, 2, 1)]
-    )
+    checked = {}
+    for name, value in (overrides or {}).items():
+        checked[name] = None if value is None else SamplingConfig.coerce(value)
+        if checked[name] is not None:
+            _check_method(checked[name], allow_virtual_rows)
+    rules = [
+        SampledBatchNormRule.rule(config, k, report, allow_virtual_rows, checked or None)
+        for k in (5, 4, 3, 2, 1)
+    ]
+    return RewriteRuleSet(rules)
+
+
+def layer_names(node: ir.Node) -> list[str]:
+    """The names a BN node answers to: its node name and, where the exporter recorded it, the
+    module path of the ``nn.BatchNorm`` it came from (``"layer1.0.bn1"``), read from the
+    ``pkg.torch.onnx.name_scopes`` metadata (torch.export route) or from a TorchScript-style name
+    ``/layer1/layer1.0/bn1/BatchNormalization``."""
+    names = [node.name or ""]
+    scopes: list[str] = []
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if raw:
+        try:
+            parsed = ast.literal_eval(raw)
+            scopes = [str(p) for p in parsed[:-1] if p]  # the last one is the op
+        except (ValueError, SyntaxError):
+            scopes = []
+    elif node.name and node.name.startswith("/"):
+        scopes = [p for p in node.name.split("/")[1:-1] if p]
+    # A scope either extends the one before it ("layers" -> "layers.0", "shortcut" ->
+    # "shortcut.1": replace it) or is a child of it ("layers.0" -> "bn1": append).
+    segments: list[str] = []
+    for part in scopes:
+        if segments and part.startswith(segments[-1] + "."):
+            segments[-1] = part
+        else:
+            segments.append(part)
+    if segments:
+        names.append(".".join(segments))
+    return names

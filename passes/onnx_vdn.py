@@ -41,6 +41,8 @@ Refused with a clear message: opset < 13, dynamic batch dims, control flow touch
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,9 +53,12 @@ from onnx import helper, numpy_helper
 
 from bnrewrite.config import SamplingConfig
 from bnrewrite.estimators import fixed_virtual_rows
+from bnrewrite.plan import virtual_rows_for_floor
 
 from .onnx_sampled_batchnorm import RewriteReport, sampled_batchnorm_rules
 from .vdn import BatchMixingError
+
+logger = logging.getLogger("bnrewrite")
 
 __all__ = ["rewrite_vdn_onnx"]
 
@@ -389,11 +394,28 @@ def rewrite_vdn_onnx(
             f"VDN on ONNX needs opset >= 13 (ReduceSum with axes input), got {state.opset}"
         )
     outputs = state.analyze()
+    state.config = _raise_virtual_rows(state)
     wanted = _name_batchnorms(state)  # before _rewrite, which copies the nodes
     _rewrite(state, outputs)
     model = _lower_batchnorms(model, state, wanted)
     onnx.checker.check_model(model)
     return model
+
+
+def _raise_virtual_rows(state: _Onnx) -> SamplingConfig:
+    """The config with the virtual rows the floor needs (as the FX pass:
+    :func:`bnrewrite.plan.virtual_rows_for_floor` for the ``vdn`` BN with the fewest positions)."""
+    cfg = state.config
+    rows = cfg.vdn_samples
+    for node in state.bn_nodes:
+        dims = state.dims(node.input[0])
+        if dims and all(isinstance(d, int) for d in dims[2:]):
+            rows = max(rows, virtual_rows_for_floor(cfg, math.prod(dims[2:])))
+    if rows != cfg.vdn_samples:
+        logger.info(
+            "VDN for ONNX: %d virtual row(s) instead of %d, for the floor", rows, cfg.vdn_samples
+        )
+    return cfg.replace(vdn_samples=rows)
 
 
 def _name_batchnorms(state: _Onnx) -> set[str]:

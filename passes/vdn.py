@@ -44,10 +44,12 @@ original does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import operator
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,7 +57,15 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnrewrite.config import SamplingConfig
-from bnrewrite.estimators import fixed_virtual_rows
+from bnrewrite.estimators import (
+    MEMORY_ROWS,
+    fixed_virtual_rows,
+    merge_input_moments,
+    moment_matched_rows,
+    remember_rows,
+    replayed_rows,
+)
+from bnrewrite.plan import virtual_rows_for_floor
 from bnrewrite.modules import share_structure
 
 from .fx import (
@@ -76,6 +86,7 @@ from .vdn_rules import is_guard as _is_guard
 
 __all__ = [
     "BatchMixingError",
+    "RunningVirtualRows",
     "VDNReport",
     "analyze",
     "rewrite_vdn",
@@ -126,6 +137,103 @@ def _register_fixed_rows() -> Any:
 vdn_fixed_rows = _register_fixed_rows()
 
 
+class RunningVirtualRows(nn.Module):
+    """Virtual rows from the real inputs of *earlier* calls (``virtual="running"`` or
+    ``"memory"``), then this call's real rows are folded in:
+
+    * ``running``: standard-normal rows ``z`` become ``mean + std * z`` with the per-feature
+      moments of the inputs seen so far (:func:`bnrewrite.estimators.merge_input_moments`);
+    * ``memory``: rows drawn from a ring of the last ``MEMORY_ROWS`` real inputs
+      (:func:`bnrewrite.estimators.replayed_rows`).
+
+    The rows of a call never depend on that call's real rows, so VDN's guarantee holds: a real
+    sample's output does not depend on another real sample of its batch. Until something was seen
+    the rows are ``z``. State (float32) is made on the first call when the feature shape is not
+    known at rewrite time, and is updated only when virtual rows are drawn (training mode).
+    """
+
+    def __init__(self, feature_shape: Sequence[int] | None = None, kind: str = "running") -> None:
+        super().__init__()
+        if kind not in ("running", "memory"):
+            raise ValueError(f"kind must be 'running' or 'memory', got {kind!r}")
+        self.kind = kind
+        # not persistent: the rewritten model's state_dict keeps the original model's keys
+        self.register_buffer("count", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("cursor", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("mean", None, persistent=False)
+        self.register_buffer("var", None, persistent=False)
+        self.register_buffer("memory", None, persistent=False)
+        if feature_shape is not None:
+            self._make(tuple(feature_shape), torch.device("cpu"))
+
+    def _make(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.count = torch.zeros((), dtype=torch.float32, device=device)
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)
+        if self.kind == "memory":
+            self.memory = torch.zeros((MEMORY_ROWS, *shape), dtype=torch.float32, device=device)
+        else:
+            self.mean = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.var = torch.ones(shape, dtype=torch.float32, device=device)
+
+    def forward(self, x: Tensor, z: Tensor, rows: int) -> Tensor:
+        memory = self.kind == "memory"
+        state = self.memory if memory else self.mean
+        if state is None or tuple(state.shape[1:] if memory else state.shape) != x.shape[1:]:
+            self._make(tuple(x.shape[1:]), x.device)
+        elif state.device != x.device:
+            self.to(x.device)
+        if memory:
+            assert self.memory is not None
+            virt = replayed_rows(z, self.memory, self.count)
+            if rows:
+                remember_rows(x, self.memory, self.count, self.cursor)
+            return virt
+        assert self.mean is not None and self.var is not None
+        virt = moment_matched_rows(z, self.mean, self.var, self.count)
+        if rows:
+            merge_input_moments(x, self.mean, self.var, self.count)
+        return virt
+
+
+# Dynamo graphs (a torch.compile backend) cannot own mutable buffers that the user's model does not
+# have (AOTAutograd lifts parameters and buffers by their source in the user's frame), so there the
+# moments live in a ``RunningVirtualRows`` held by the GraphModule as a plain attribute and the
+# graph calls it through an opaque op. Tagged nondeterministic_seeded: never recomputed or deduped.
+_RUNNING_SOURCES: weakref.WeakValueDictionary[int, RunningVirtualRows] = (
+    weakref.WeakValueDictionary()
+)
+_RUNNING_KEYS = itertools.count()
+
+
+def _vdn_running_rows(x: Tensor, z: Tensor, rows: int, key: int) -> Tensor:
+    source = _RUNNING_SOURCES.get(key)
+    if source is None:
+        raise RuntimeError(
+            f"bnrewrite::vdn_running_rows: the running moments {key} are gone (their GraphModule "
+            f"was freed); rewrite the model again"
+        )
+    return source(x, z, rows)
+
+
+def _vdn_running_rows_fake(x: Tensor, z: Tensor, rows: int, key: int) -> Tensor:
+    return torch.empty_like(z)
+
+
+def _register_running_rows() -> Any:
+    if hasattr(torch.ops.bnrewrite, "vdn_running_rows"):
+        return torch.ops.bnrewrite.vdn_running_rows
+    op = torch.library.custom_op(
+        "bnrewrite::vdn_running_rows",
+        mutates_args=(),
+        tags=(torch.Tag.nondeterministic_seeded,),
+    )(_vdn_running_rows)
+    op.register_fake(_vdn_running_rows_fake)
+    return op
+
+
+vdn_running_rows = _register_running_rows()
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +275,7 @@ class _Emitter:
         self.graph = gm.graph
         self.aten = aten_level
         self.analysis = analysis
+        self.dynamo = any(n.op == "placeholder" and "grapharg" in n.meta for n in gm.graph.nodes)
 
     def rows(self, conditional: bool, v: int) -> Any:
         """``V``, or ``V * self.training`` for graphs traced from a module (0 in eval mode)."""
@@ -217,6 +326,28 @@ class _Emitter:
             scaled = g.call_function(aten.mul.Tensor, (virt, std))
             return g.call_function(aten.add.Tensor, (scaled, mean))
         return g.call_function(operator.add, (g.call_function(operator.mul, (virt, std)), mean))
+
+    def running(self, x: fx.Node, virt: fx.Node, rows: Any, index: int, kind: str) -> fx.Node:
+        """``RunningVirtualRows`` as a submodule of the GraphModule, called on ``(x, z, rows)``."""
+        name = f"_vdn_running_{index}"
+        val = _val(x)
+        shape = tuple(val.shape[1:]) if isinstance(val, Tensor) else None
+        if shape is not None and not all(isinstance(d, int) for d in shape):
+            shape = None
+        source = RunningVirtualRows(shape, kind)
+        if isinstance(val, Tensor) and shape is not None and val.device.type != "meta":
+            source.to(val.device)
+        if not self.dynamo:
+            self.gm.add_submodule(name, source)
+            return self.graph.call_module(name, (x, virt, rows))
+        key = next(_RUNNING_KEYS)
+        _RUNNING_SOURCES[key] = source
+        held = self.gm.__dict__.setdefault("_bnrewrite_running_sources", [])
+        held.append(source)  # the GraphModule keeps its sources alive
+        like = self.graph.call_function(torch.ops.aten.detach.default, (x,))
+        return self.graph.call_function(
+            torch.ops.bnrewrite.vdn_running_rows.default, (like, virt, rows, key)
+        )
 
     def cat(self, x: fx.Node, v: fx.Node) -> fx.Node:
         target = aten.cat.default if self.aten else torch.cat
@@ -313,13 +444,21 @@ def rewrite_vdn(
         overrides=overrides,
     )
     names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
-    _warn_few_virtual_values(analysis)
+    v, raised = _virtual_rows_for_floor(analysis, cfg.vdn_samples)
+    if v != cfg.vdn_samples:
+        analysis.bn = [(site, c.replace(vdn_samples=v) if c else c) for site, c in analysis.bn]
+        log.info(
+            "rewrite_vdn: %d virtual row(s) instead of %d, for the floor of %s",
+            v,
+            cfg.vdn_samples,
+            ", ".join(f"{n} ({a} -> {b} values)" for n, a, b in raised),
+        )
     warn_unmatched(
         names, _as_patterns(include), _as_patterns(exclude), overrides, type(obj).__name__
     )
     # -- from here on the graph is modified (the analysis proved it is batch-independent) --------
-    v = cfg.vdn_samples
     report = VDNReport(virtual_rows=v, sampling=cfg.sampling)
+    report.bn.raised.extend(raised)
     uses_rows = analysis.bn or any(r.startswith("already rewritten") for _, r in analysis.skipped)
     if not uses_rows:
         # No BN takes statistics from virtual rows (an eval-mode graph, as Dynamo compiles after
@@ -355,6 +494,8 @@ def rewrite_vdn(
             moments = _moments_for(virtual_moments, x.name, i)
             if moments is not None:
                 virt = emitter.affine(virt, moments, i)
+            elif cfg.virtual in ("running", "memory"):
+                virt = emitter.running(x, virt, rows, i, cfg.virtual)
             joined = emitter.cat(x, virt)
             x.replace_all_uses_with(joined, delete_user_cb=lambda u, o=old_users: u in o)
             report.batch_inputs.append(x.name)
@@ -382,28 +523,36 @@ def rewrite_vdn(
     return (gm, report) if return_report else gm
 
 
-def _warn_few_virtual_values(analysis: Analysis) -> None:
-    """A ``vdn`` layer whose statistics come from fewer values than the floor (a ``(N, C)`` layer
-    sees ``vdn_samples`` values per channel): the plan cannot raise them without reading real rows
-    (VDN's guarantee), so say it, with the layer, its count and what to do. Needs the input's shape
-    (Dynamo graphs, ``example_inputs=``)."""
+def _virtual_rows_for_floor(analysis: Analysis, v: int) -> tuple[int, list[tuple[str, int, int]]]:
+    """The virtual rows a graph needs so that no ``vdn`` layer's statistics come from fewer values
+    than its floor, and ``(layer, values before, values after)`` for each layer raised.
+
+    A ``vdn`` layer reads only virtual rows (VDN's guarantee), so the floor cannot take more real
+    values there: the graph carries more virtual rows instead, ``ceil(min_count / positions)``
+    for the layer with the fewest positions per row (a ``(N, C)`` layer: ``min_count`` rows).
+    Positions come from the input's shape where the graph knows it (Dynamo graphs,
+    ``example_inputs=``); a ``BatchNorm1d`` module of unknown input shape is taken as ``(N, C)``.
+    ``fs_vdn`` layers also read the ``fs`` sample of the real rows, which the plan's floor raises.
+    """
+    need, per_layer = v, []
     for site, cfg in analysis.bn:
         if cfg is None or cfg.method != "vdn":
             continue
         shape = input_shape(site)
-        if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        if shape is not None and all(isinstance(d, int) for d in shape[2:]):
+            per_row = math.prod(shape[2:])
+        elif site.form == "module" and isinstance(
+            site.node.graph.owning_module.get_submodule(str(site.node.target)), nn.BatchNorm1d
+        ):
+            per_row = 1
+        else:
             continue
-        per_row = math.prod(shape[2:])
-        count = cfg.vdn_samples * per_row
-        if count < cfg.min_count:
-            rows = -(-cfg.min_count // per_row)
-            warn_user(
-                f"bnrewrite VDN: {site.name} takes its statistics from {count} value(s) per "
-                f"channel ({cfg.vdn_samples} virtual row(s) x {per_row} position(s)), under the "
-                f"floor of {cfg.min_count}; use vdn_samples={rows} or more, or "
-                f"overrides={{{site.name!r}: {{'method': 'fs_vdn', 'vdn_samples': "
-                f"{cfg.vdn_samples}}}}} (adds the layer's real rows)"
-            )
+        rows = virtual_rows_for_floor(cfg, per_row)
+        if rows > cfg.vdn_samples:
+            per_layer.append((site.name, per_row))
+        need = max(need, rows)
+    raised = [(name, v * per_row, need * per_row) for name, per_row in per_layer]
+    return need, raised
 
 
 def _moments_for(moments: Any, name: str, index: int) -> tuple[Tensor, Tensor] | None:

@@ -30,7 +30,9 @@ def test_frozen():
 def test_dict_round_trip(method):
     cfg = SamplingConfig(method=method, sampling="fixed", seed=3)
     d = cfg.to_dict()
-    assert set(d) == {"method", "ratio", "groups", "sampling", "seed", "vdn_samples", "min_count"}
+    assert set(d) == {
+        "method", "ratio", "groups", "sampling", "seed", "vdn_samples", "min_count", "virtual"
+    }  # fmt: skip
     assert SamplingConfig.from_dict(d) == cfg
     assert SamplingConfig(**d) == cfg
 
@@ -97,3 +99,11 @@ def test_full_with_a_ratio_is_a_contradiction():
         SamplingConfig(method="full", ratio=0.5)
     assert SamplingConfig(method="full", ratio=1).ratio == 1.0
     assert SamplingConfig.from_dict(SamplingConfig("full").to_dict()) == SamplingConfig("full")
+
+
+def test_virtual_rows_default_follows_sampling():
+    assert SamplingConfig("vdn").virtual == "running"
+    assert SamplingConfig("vdn", sampling="fixed").virtual == "normal"
+    assert SamplingConfig("fs_vdn", sampling="fixed", virtual="running").virtual == "running"
+    with pytest.raises(ValueError, match="virtual must be one of 'running', 'normal'"):
+        SamplingConfig("vdn", virtual="uniform")

@@ -175,7 +175,7 @@ def test_data_dir_without_cifar_files_is_a_clear_error(tmp_path, capsys):
 
 def test_default_and_micro_method_lists():
     assert parse_methods(None, 64) == list(DEFAULT_METHODS)
-    assert DEFAULT_METHODS == ("bn", "ns", "bs", "fs", "vdn", "fs_vdn", "gn")
+    assert DEFAULT_METHODS == ("bn", "ns", "bs", "fs", "vdn", "fs_vdn", "budget", "gn")
     assert parse_methods(None, 2) == ["bn", "vdn", "fs_vdn", "gn"]
     assert parse_methods("full, BS,groupnorm,bs", 64) == ["bn", "bs", "gn"]
 
@@ -298,3 +298,23 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     with _progress(4, "bs seed 0", True, tty) as bar:
         bar.update(4)
     assert "\r" in tty.getvalue()  # tqdm redraws in place on a terminal
+
+
+def test_demo_bn1d_head_and_automatic_budget(tmp_path, capsys):
+    """``--head bn1d``: the model has a BatchNorm1d over (N, C); the ``budget`` row trains with
+    per-layer overrides and reads less than full BN; ``bs`` reads what its plans say (the floor
+    raises the head to 32 of 64 rows)."""
+    out = tmp_path / "head"
+    argv = ["demo", "--quick", "--head", "bn1d", "--methods", "bn,bs,budget", "--epochs", "1"]
+    assert main([*argv, "--budget-target", "0.1", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in data["summary"]}
+    assert rows["bn"]["reads"] == 1.0
+    assert 0 < rows["budget"]["reads"] < 1 and rows["budget"]["status"] == "ok"
+    assert 0 < rows["bs"]["reads"] < rows["bn"]["reads"]
+    run = next(r for r in data["runs"] if r["method"] == "budget")
+    assert run["config"]["target"] == 0.1 and "fc.1" in run["config"]["overrides"]
+    printed = capsys.readouterr().out
+    assert "BatchNorm1d head" in printed and "auto budget" in printed
+    ckpt = torch.load(out / "bn_model.pt", weights_only=True)
+    assert ckpt["head"] == "bn1d"

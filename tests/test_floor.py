@@ -10,7 +10,6 @@ import itertools
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -119,21 +118,29 @@ def test_report_names_the_raised_layers():
     assert "4: the floor raised the sample from 4 to 32 values per channel" in str(report)
 
 
-def test_vdn_warns_when_a_layer_has_fewer_virtual_values_than_the_floor():
+@pytest.mark.parametrize("shapes", ["known", "unknown"])
+def test_vdn_carries_the_virtual_rows_the_floor_needs(shapes):
+    """A (N, C) ``vdn`` layer reads only virtual rows: the graph carries ``min_count`` of them
+    (32 by default; 8 positions per row: 4), the report names the layer, and every layer's
+    statistics come from the last 32 rows of its input (checked against BN over those rows)."""
     from bnrewrite.passes.vdn import rewrite_vdn
 
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.warns(
-        UserWarning, match=r"1 takes its statistics from 4 value\(s\).*vdn_samples=32"
-    ):
-        rewrite_vdn(
-            model, {"method": "vdn", "vdn_samples": 4}, example_inputs=(torch.randn(16, 6),)
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        rewrite_vdn(
-            model, {"method": "vdn", "vdn_samples": 32}, example_inputs=(torch.randn(16, 6),)
-        )
+    example = {"example_inputs": (torch.randn(16, 6),)} if shapes == "known" else {}
+    cfg = {"method": "vdn", "vdn_samples": 4, "sampling": "fixed", "seed": 3}
+    gm, report = rewrite_vdn(model, cfg, return_report=True, **example)
+    assert report.virtual_rows == 32
+    assert report.bn.raised == [("1", 4, 32)]
+    x = torch.randn(16, 6)
+    z = torch.randn((32, 6), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = model[0](torch.cat([x, z.float()]))
+    virt = h[16:]
+    want = model[3](torch.relu((h[:16] - virt.mean(0)) / torch.sqrt(virt.var(0, False) + 1e-5)
+                     * model[1].weight + model[1].bias))  # fmt: skip
+    torch.testing.assert_close(gm(x), want)
+    _, report = rewrite_vdn(model, {**cfg, "min_count": 4}, return_report=True, **example)
+    assert report.virtual_rows == 4 and report.bn.raised == []
 
 
 def test_fused_kernels_obey_the_floor():

@@ -7,6 +7,8 @@ the fixed ``fs`` sample of the real rows (``fs_vdn``: top-left patch of side
 ``cat([x, virtual_rows])`` and cut back to ``N`` rows. Fixed virtual rows are documented as
 ``torch.randn((V, *x.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=float64)``
 cast to ``x``'s dtype (seed ``config.seed or 0``, plus ``i`` for the ``i``-th batch input).
+The floor (docs/vdn.md): with ``vdn``, the graph carries ``max(V, ceil(32 / P))`` virtual rows,
+``P`` the fewest positions per row of any BN input (a ``(N, C)`` input: ``P = 1``, 32 rows).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, fx, nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bnrewrite.passes.vdn import BatchMixingError, analyze, rewrite_vdn  # noqa: E402
-from reference import ref_sample  # noqa: E402
+from reference import REF_MIN_COUNT, ref_sample  # noqa: E402
 from zoo import ReduceOverBatch, zoo_entry  # noqa: E402
 
 from bnrewrite import SamplingConfig  # noqa: E402
@@ -43,6 +45,7 @@ class RefVDNBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, method: str, ratio: float) -> None:
         super().__init__()
         self.bn, self.method, self.ratio = bn, method, ratio
+        self.rows = V  # virtual rows at the end of the input (set by RefVDNModel)
 
     def forward(self, h: Tensor) -> Tensor:
         bn = self.bn
@@ -50,7 +53,7 @@ class RefVDNBatchNorm(nn.Module):
             return F.batch_norm(
                 h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps
             )
-        real, virt = h[:-V], h[-V:]
+        real, virt = h[: -self.rows], h[-self.rows :]
         parts = [virt]
         if self.method == "fs_vdn":
             virtual_values = virt[:, 0].numel()  # per channel
@@ -82,10 +85,34 @@ class RefVDNModel(nn.Module):
                     child._modules[name] = RefVDNBatchNorm(sub, method, ratio)
         self.seed = seed
 
+        self.method = method
+        self.__dict__["original"] = copy.deepcopy(model)  # not a submodule: no params, no buffers
+
+    def _rows(self, x: Tensor) -> int:
+        """``V``, raised for ``vdn`` to ``ceil(32 / P)`` (P: fewest positions per row of a BN
+        input, found by running the original model on ``x``)."""
+        if self.method != "vdn":
+            return V
+        positions: list[int] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda _m, a: positions.append(a[0][0, 0].numel()))
+            for m in self.original.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        with torch.no_grad():
+            copy.deepcopy(self.original)(x)
+        for h in hooks:
+            h.remove()
+        return max(V, -(-REF_MIN_COUNT // min(positions)))
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self.inner(x)
-        full = torch.cat([x, ref_virtual_rows(x, V, self.seed)], 0)
+        rows = self._rows(x)
+        for m in self.inner.modules():
+            if isinstance(m, RefVDNBatchNorm):
+                m.rows = rows
+        full = torch.cat([x, ref_virtual_rows(x, rows, self.seed)], 0)
         return self.inner(full)[: x.shape[0]]
 
 
@@ -151,14 +178,17 @@ def test_decoupling_fixed_other_batch_size(name):
 
 
 def test_decoupling_random_same_rng_state():
-    """Random virtual rows: with the same RNG state row 0 is again independent of the batch."""
+    """Random virtual rows: with the same RNG state (and the same running input moments, which
+    hold earlier calls' batches only) row 0 is again independent of the rest of its batch."""
     entry = zoo_entry("resnet_basic")
     gm = rewrite_vdn(entry.factory(), SamplingConfig(method="vdn", vdn_samples=V))
     x1 = entry.example_input()
+    gm(_other_batch(x1) * 3 + 1)  # an earlier batch: the running moments are no longer (0, 1)
+    twin = copy.deepcopy(gm)
     torch.manual_seed(7)
     y1 = gm(x1)
     torch.manual_seed(7)
-    y2 = gm(_other_batch(x1))
+    y2 = twin(_other_batch(x1))
     assert torch.equal(y1[0], y2[0])
     y3 = gm(x1)  # fresh virtual rows at every call
     assert not torch.equal(y1, y3)
@@ -673,3 +703,100 @@ def test_exported_program_with_vdn_comes_back_as_an_exported_program():
     # the decoupling holds in the program too
     x2 = _other_batch(x)
     torch.testing.assert_close(out.module()(x)[0], out.module()(x2)[0], rtol=1e-6, atol=1e-6)
+
+
+# -- virtual="running": rows from the moments of the real inputs seen in earlier calls -----------
+def test_running_rows_use_only_earlier_inputs():
+    """The rows of a call are ``mean + sd * z`` with the moments of earlier calls' inputs
+    (numpy over every real row seen so far, an independent computation), standard normal before
+    two samples were seen; the call's own rows are folded in afterwards."""
+    import numpy as np
+    from bnrewrite.passes.vdn import RunningVirtualRows
+
+    source = RunningVirtualRows()
+    gen = torch.Generator().manual_seed(0)
+    seen: list[np.ndarray] = []
+    for step in range(4):
+        x = torch.randn((5, 3, 2), generator=gen) * (step + 1) + step
+        z = torch.randn((4, 3, 2), generator=gen)
+        rows = source(x, z, 4)
+        if seen:
+            past = np.concatenate(seen)
+            want = past.mean(0) + past.std(0) * z.numpy()
+        else:
+            want = z.numpy()
+        np.testing.assert_allclose(rows.numpy(), want, rtol=1e-4, atol=1e-5)
+        seen.append(x.numpy().astype(np.float64))
+        assert float(source.count) == 5 * (step + 1)
+    source(torch.full((5, 3, 2), 100.0), torch.zeros(4, 3, 2), 0)  # rows = 0 (eval): no update
+    assert float(source.count) == 20
+
+
+def test_running_rows_move_the_virtual_statistics_to_the_data():
+    """A BatchNorm1d-head model on inputs of mean 3 and std 2: after a few training calls the
+    vdn statistics (from 32 virtual rows, the floor) are close to the full-batch ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 2))
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn", vdn_samples=4))
+    data = [torch.randn(64, 6) * 2 + 3 for _ in range(20)]
+    for x in data:
+        gm(x)
+    h = model[0](torch.cat(data)).detach()
+    bn = model[1]
+    # the running statistics average 20 virtual estimates (32 rows each) of the data's moments
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=0.1, atol=0.15 * h.std(0).mean())
+    torch.testing.assert_close(bn.running_var, h.var(0), rtol=0.35, atol=0.0)
+    normal = rewrite_vdn(copy.deepcopy(model), SamplingConfig("vdn", virtual="normal"))
+    assert not any(isinstance(m, type(gm._vdn_running_0)) for m in normal.modules())  # no state
+
+
+def test_compiled_running_rows_keep_their_state_and_do_not_recompile():
+    torch.manual_seed(0)
+    from bnrewrite.passes import vdn as vdn_pass
+
+    model = PerSampleView()
+    before = set(vdn_pass._RUNNING_SOURCES.keys())
+    graphs: list = []
+    cfg = SamplingConfig(method="vdn", vdn_samples=V)
+    _train_compiled(model, _vdn_backend(cfg, graphs), [torch.randn(4, 3, 6, 6) + 2] * 3)
+    new = [vdn_pass._RUNNING_SOURCES[k] for k in set(vdn_pass._RUNNING_SOURCES) - before]
+    assert len(graphs) == 1 and len(new) == 1
+    assert float(new[0].count) == 12  # three steps of 4 real rows, each folded in once
+    torch.testing.assert_close(new[0].mean.mean(), torch.tensor(2.0), atol=0.3, rtol=0)
+
+
+def test_memory_rows_are_earlier_inputs():
+    """``virtual="memory"``: every virtual row of a call is one of the real rows of an earlier
+    call (standard normal ``z`` on the first call); the ring keeps the last 64."""
+    from bnrewrite.passes.vdn import RunningVirtualRows
+
+    from bnrewrite.estimators import MEMORY_ROWS
+
+    source = RunningVirtualRows(kind="memory")
+    gen = torch.Generator().manual_seed(0)
+    seen: list[Tensor] = []
+    for step in range(40):
+        x = torch.randn((3, 2, 2), generator=gen) + 10 * step
+        z = torch.randn((5, 2, 2), generator=gen)
+        rows = source(x, z, 5)
+        if not seen:
+            assert torch.equal(rows, z)
+        else:
+            window = torch.cat(seen)[-MEMORY_ROWS:]
+            for r in rows:
+                assert any(torch.equal(r, w) for w in window), step
+        seen.append(x)
+    assert float(source.count) == MEMORY_ROWS
+
+
+def test_memory_rows_in_a_rewritten_model_keep_vdn_decoupling():
+    entry = zoo_entry("resnet_basic")
+    gm = rewrite_vdn(entry.factory(), SamplingConfig(method="vdn", virtual="memory"))
+    x1 = entry.example_input()
+    gm(x1 * 2 + 1)
+    twin = copy.deepcopy(gm)
+    torch.manual_seed(3)
+    y1 = gm(x1)
+    torch.manual_seed(3)
+    y2 = twin(_other_batch(x1))
+    assert torch.equal(y1[0], y2[0])

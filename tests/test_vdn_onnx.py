@@ -96,9 +96,9 @@ def test_onnx_refuses_unsupported_settings():
     with pytest.raises(ValueError, match="applies 'vdn' or 'fs_vdn'"):
         rewrite_vdn_onnx(proto, {"method": "fs"})
     # a BN the rule declines is an error, not a plain BN over N + V rows: one virtual row of a
-    # (N + 1, C) input is one element per channel
+    # (N + 1, C) input is one element per channel (with the floor off; the floor raises the rows)
     with pytest.raises(ValueError, match="not rewritten: sample set has 1 element"):
-        rewrite_vdn_onnx(proto, {"method": "vdn", "vdn_samples": 1})
+        rewrite_vdn_onnx(proto, {"method": "vdn", "vdn_samples": 1, "min_count": 1})
 
 
 def _session(proto):
@@ -172,3 +172,19 @@ def test_onnx_opset13_five_outputs_unnamed_bn():
     np.testing.assert_allclose(rv, p["var"] * 0.9 + var * 0.1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(saved_mean, mu, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(saved_inv, inv, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_vdn_carries_the_virtual_rows_the_floor_needs():
+    """As the FX pass (tests/test_floor.py): a (N, C) ``vdn`` layer makes the graph carry 32
+    virtual rows; with fixed rows the result equals the torch pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 6)
+    proto = rewrite_vdn_onnx(export(model, x), {"method": "vdn", "vdn_samples": 4})
+    randoms = [n for n in proto.graph.node if n.op_type == "RandomNormal"]
+    shape = next(a for a in randoms[0].attribute if a.name == "shape").ints
+    assert shape[0] == 32
+    cfg = {"method": "vdn", "vdn_samples": 4, "sampling": "fixed", "seed": 2}
+    got = run(rewrite_vdn_onnx(export(model, x), cfg), x)[0]
+    want = rewrite_vdn(model, cfg)(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

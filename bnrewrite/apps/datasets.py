@@ -89,6 +89,35 @@ def load_digits(split_seed: int = 0) -> Dataset:
     )
 
 
+def load_breast_cancer(split_seed: int = 0) -> Dataset:
+    """scikit-learn's bundled breast-cancer table (569 x 30, 2 classes) as 1x3x10 "images".
+
+    Its 30 features are 10 measurements of the cell nuclei (radius, texture, ...) x 3 statistics
+    (mean, standard error, worst): row ``i`` of the image holds statistic ``i`` of the 10
+    measurements, so a convolution slides along the measurements. Fixed stratified 70/30 split,
+    every feature standardised with the training split's mean and std.
+    """
+    from sklearn.datasets import load_breast_cancer as _load
+    from sklearn.model_selection import train_test_split
+
+    bunch = _load()
+    x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.3, random_state=split_seed, stratify=y
+    )
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = ((a - mean) / std for a in (x_tr, x_te))
+    return Dataset(
+        "breast-cancer",
+        torch.from_numpy(np.ascontiguousarray(x_tr.reshape(-1, 1, 3, 10))),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(np.ascontiguousarray(x_te.reshape(-1, 1, 3, 10))),
+        torch.from_numpy(y_te),
+        2,
+    )
+
+
 def _cifar_root(data_dir: str | Path) -> Path:
     root = Path(data_dir)
     if not root.is_dir():

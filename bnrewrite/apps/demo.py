@@ -12,8 +12,13 @@ once with plain BatchNorm and once per method, for several seeds, and writes:
 * ``bn_model.pt`` -- the BN model of the first seed, for ``bnrewrite diagnose --checkpoint``.
 
 Methods: ``bn`` (full BatchNorm, PyTorch's own), ``ns``, ``bs``, ``fs``, ``vdn``, ``fs_vdn``
-(BatchNorm with sampled statistics, :class:`bnrewrite.SamplingConfig`) and ``gn`` (the same network
-with GroupNorm). :func:`apply_method` is the one place that turns a method into a model: ``ns``/
+(BatchNorm with sampled statistics, :class:`bnrewrite.SamplingConfig`), ``budget`` (the automatic
+per-layer budget, :func:`bnrewrite.budget.choose_budget`, on ``budget_batches`` training batches of
+the freshly initialised model, error target ``--budget-target``) and ``gn`` (the same network with
+GroupNorm). The ``reads`` column is the fraction of activation elements the BN statistics read
+(all layers, against full BN). ``--head bn1d`` swaps the linear classifier for
+``Linear -> BatchNorm1d(128) -> ReLU -> Linear``: a BN over ``(N, C)`` inputs, where the floor
+(``SamplingConfig.min_count``) matters. :func:`apply_method` is the one place that turns a method into a model: ``ns``/
 ``bs``/``fs`` go through the FX pass ``bnrewrite.rewrite`` (``--via module``: ``bnrewrite.convert_``,
 the module form with the same estimator math); ``vdn``/``fs_vdn`` through the VDN whole-graph pass
 (``bnrewrite.passes.vdn``), which appends the virtual rows to the input and strips them from the
@@ -56,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..budget import choose_budget, fraction_read, record_bn_inputs
 from ..config import SamplingConfig, parse_ratio
 from .datasets import Dataset, load_dataset
 
@@ -85,7 +91,7 @@ HELP = (
     "writes a table, a convergence plot, CSV and JSON"
 )
 
-METHODS: tuple[str, ...] = ("bn", "ns", "bs", "fs", "vdn", "fs_vdn", "gn")
+METHODS: tuple[str, ...] = ("bn", "ns", "bs", "fs", "vdn", "fs_vdn", "budget", "gn")
 ALIASES: dict[str, str] = {"full": "bn", "groupnorm": "gn", "fs+vdn": "fs_vdn"}
 DEFAULT_METHODS: tuple[str, ...] = METHODS
 MICRO_METHODS: tuple[str, ...] = ("bn", "vdn", "fs_vdn", "gn")
@@ -100,6 +106,7 @@ LABELS: dict[str, str] = {
     "fs": "FS",
     "vdn": "VDN",
     "fs_vdn": "FS+VDN",
+    "budget": "auto budget",
     "gn": "GroupNorm",
 }
 VDN_MODULE = "bnrewrite.passes.vdn"
@@ -133,12 +140,13 @@ def method_config(
     groups: int | None = None,
     vdn_samples: int | None = None,
 ) -> SamplingConfig | None:
-    """The :class:`SamplingConfig` of a sampled method (``None`` for ``bn`` and ``gn``).
+    """The :class:`SamplingConfig` of a sampled method (``None`` for ``bn``, ``gn`` and
+    ``budget``, whose per-layer configs come from calibration batches in :func:`train_one`).
 
     ``sampling="random"`` with ``seed=None``: offsets come from torch's global RNG, which
     :func:`train_one` seeds, so a run is reproducible without per-config generators.
     """
-    if method in ("bn", "gn"):
+    if method in ("bn", "gn", "budget"):
         return None
     ratio = (ratios or {}).get(method, DEFAULT_RATIOS.get(method))
     return SamplingConfig(
@@ -157,7 +165,12 @@ def fx_available() -> bool:
         return False
 
 
-def apply_method(model: nn.Module, config: SamplingConfig | None, via: str = "fx") -> nn.Module:
+def apply_method(
+    model: nn.Module,
+    config: SamplingConfig | None,
+    via: str = "fx",
+    overrides: dict[str, Any] | None = None,
+) -> nn.Module:
     """A model whose BatchNorm layers take the sampled statistics of ``config``.
 
     The single place where a method meets a model. ``ns``/``bs``/``fs``: ``via="fx"`` (default)
@@ -166,12 +179,14 @@ def apply_method(model: nn.Module, config: SamplingConfig | None, via: str = "fx
     module form, the same estimators, ``model`` changed in place). ``vdn``/``fs_vdn``: the VDN
     whole-graph pass (``bnrewrite.passes.vdn.rewrite_vdn``), which appends the virtual rows to the
     input and strips them from the outputs; :class:`MethodUnavailable` when it is missing.
+    ``overrides``: per-layer configs (the automatic budget) on top of ``config``.
     Build the optimiser from the returned model's parameters.
     """
     if via not in VIAS:
         raise ValueError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
-    if config is None or config.method == "full":
+    if (config is None or config.method == "full") and not overrides:
         return model
+    config = config or SamplingConfig("full")
     if config.uses_virtual_rows:
         if not vdn_available():
             raise MethodUnavailable(f"not available yet ({VDN_MODULE} is not importable)")
@@ -181,10 +196,10 @@ def apply_method(model: nn.Module, config: SamplingConfig | None, via: str = "fx
     if via == "fx" and fx_available():
         from .. import rewrite
 
-        return rewrite(model, config)
+        return rewrite(model, config, overrides=overrides)
     from ..modules import convert_
 
-    return convert_(model, config)
+    return convert_(model, config, overrides=overrides)
 
 
 def applied_via(method: str, via: str) -> str:
@@ -193,16 +208,21 @@ def applied_via(method: str, via: str) -> str:
         return "torch.nn.BatchNorm2d"
     if method == "gn":
         return "torch.nn.GroupNorm"
+    if method == "budget":
+        pass_name = "bnrewrite.rewrite" if via == "fx" and fx_available() else "bnrewrite.convert_"
+        return f"bnrewrite.budget.choose_budget + {pass_name}(overrides=)"
     if method in ("vdn", "fs_vdn"):
         return "bnrewrite.passes.vdn.rewrite_vdn"
     return "bnrewrite.rewrite (FX pass)" if via == "fx" and fx_available() else "bnrewrite.convert_"
 
 
-def build_model(method: str, dataset: Dataset, width: int = 16, blocks: int = 1) -> nn.Module:
+def build_model(
+    method: str, dataset: Dataset, width: int = 16, blocks: int = 1, head: str = "linear"
+) -> nn.Module:
     from .models import small_resnet
 
     norm = "gn" if method == "gn" else "bn"
-    return small_resnet(dataset.in_channels, dataset.num_classes, norm, width, blocks)
+    return small_resnet(dataset.in_channels, dataset.num_classes, norm, width, blocks, head)
 
 
 @dataclasses.dataclass
@@ -219,6 +239,9 @@ class DemoOptions:
     progress: bool = True
     eval_batch: int = 512
     via: str = "fx"
+    head: str = "linear"  # "bn1d": an MLP head with a BatchNorm1d over (N, C)
+    budget_target: float = 0.05  # error target of the automatic budget
+    budget_batches: int = 4  # calibration batches of the automatic budget
 
     @property
     def learning_rate(self) -> float:
@@ -236,6 +259,8 @@ class RunResult:
     train_seconds: float = 0.0
     config: dict[str, Any] | None = None
     via: str = ""
+    #: activation elements the BN statistics read, over those full BN reads (None: GroupNorm, VDN)
+    reads: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -266,6 +291,21 @@ def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]
         yield perm[i : i + batch]
 
 
+def _bn_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """BN input shapes by module path (empty for a model without BatchNorm)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}
+    return {name: tuple(a[0].shape) for name, a in record_bn_inputs(model, [x]).items()}
+
+
+def _calibration(dataset: Dataset, opts: DemoOptions, seed: int) -> list[torch.Tensor]:
+    """``opts.budget_batches`` training batches for the automatic budget (seeded apart from the
+    training order)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    idx = list(_batches(len(dataset.x_train), opts.batch_size, gen))[: opts.budget_batches]
+    return [dataset.x_train[i] for i in idx]
+
+
 def train_one(
     dataset: Dataset,
     method: str,
@@ -277,19 +317,34 @@ def train_one(
     cfg = method_config(method, opts.ratios, opts.groups, opts.vdn_samples)
     result = RunResult(method, seed, "ok", config=cfg.to_dict() if cfg else None)
     result.via = applied_via(method, opts.via)
-    torch.manual_seed(seed)
-    model = build_model(method, dataset, opts.width, opts.blocks)
-    try:
-        model = apply_method(model, cfg, opts.via)
-    except MethodUnavailable as e:
-        result.status = str(e)
-        return result
     n = len(dataset.x_train)
     if n < opts.batch_size:
         raise ValueError(
             f"--batch-size {opts.batch_size} is larger than the {n} training images; use a "
             f"smaller batch"
         )
+    torch.manual_seed(seed)
+    model = build_model(method, dataset, opts.width, opts.blocks, opts.head)
+    shapes = _bn_input_shapes(model, dataset.x_train[: opts.batch_size])
+    overrides = None
+    if method == "budget":
+        rng = torch.get_rng_state()
+        budget = choose_budget(
+            model, _calibration(dataset, opts, seed), opts.budget_target, draws=8, seed=seed
+        )
+        torch.set_rng_state(rng)  # training starts from the same RNG state as the other methods
+        overrides = budget.overrides
+        result.reads = budget.fraction_read()
+        result.config = {"method": "budget", "target": opts.budget_target, "overrides": overrides}
+    elif method == "bn":
+        result.reads = 1.0
+    elif cfg is not None and not cfg.uses_virtual_rows and shapes:
+        result.reads = fraction_read(shapes, cfg)
+    try:
+        model = apply_method(model, cfg, opts.via, overrides)
+    except MethodUnavailable as e:
+        result.status = str(e)
+        return result
     steps_per_epoch = n // opts.batch_size
     total = steps_per_epoch * opts.epochs
     opt = torch.optim.SGD(
@@ -384,6 +439,7 @@ def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict
         ok = [r for r in runs if r.ok]
         mean, std = _mean_std([r.final_acc for r in ok])
         sps, _ = _mean_std([r.steps_per_s for r in ok])
+        reads = [r.reads for r in ok if r.reads is not None]
         gap = mean - bn_mean if ok and m != "bn" else (0.0 if m == "bn" and ok else math.nan)
         target = GAP_TARGETS.get(m)
         within = None
@@ -400,6 +456,8 @@ def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict
                 "ratio": cfg.get("ratio") if cfg else None,
                 "groups": cfg.get("groups") if cfg else None,
                 "vdn_samples": cfg.get("vdn_samples") if cfg and m in ("vdn", "fs_vdn") else None,
+                "target": cfg.get("target") if cfg and m == "budget" else None,
+                "reads": statistics.fmean(reads) if reads else None,
                 "seeds": len(ok),
                 "acc_mean": mean,
                 "acc_std": std,
@@ -423,6 +481,8 @@ def _budget(row: dict[str, Any]) -> str:
     m = row["method"]
     if m in ("bn", "gn"):
         return "all"
+    if m == "budget":
+        return f"per layer, error ≤ {row['target']:g}" if row.get("target") else "per layer"
     if row["ratio"] is None:
         return "-"
     from fractions import Fraction
@@ -440,9 +500,9 @@ def _budget(row: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| method | statistics from | test accuracy % (mean ± std) | gap to BN (points) "
+        "| method | statistics from | reads | test accuracy % (mean ± std) | gap to BN (points) "
         "| steps/s | target | status |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ok = r["status"] == "ok"
@@ -453,9 +513,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             target += " ✓"
         elif r["within_target"] is False:
             target += " ✗ missed"
+        reads = "—" if r.get("reads") is None else f"{100 * r['reads']:.1f}%"
         lines.append(
-            f"| {r['label']} | {_budget(r)} | {acc} | {gap} | {_fmt(r['steps_per_s'], '.1f')} "
-            f"| {target} | {r['status']} |"
+            f"| {r['label']} | {_budget(r)} | {reads} | {acc} | {gap} | "
+            f"{_fmt(r['steps_per_s'], '.1f')} | {target} | {r['status']} |"
         )
     return "\n".join(lines)
 
@@ -611,6 +672,7 @@ def run_demo(
                     "dataset": dataset.name,
                     "width": opts.width,
                     "blocks": opts.blocks,
+                    "head": opts.head,
                     "in_channels": dataset.in_channels,
                     "num_classes": dataset.num_classes,
                 },
@@ -660,6 +722,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=VIAS,
         default="fx",
         help="apply ns/bs/fs with the FX pass bnrewrite.rewrite (default) or bnrewrite.convert_",
+    )
+    p.add_argument(
+        "--head",
+        choices=("linear", "bn1d"),
+        default="linear",
+        help="classifier head: linear (default) or bn1d (Linear-BatchNorm1d-ReLU-Linear, a BN "
+        "over (N, C) inputs)",
+    )
+    p.add_argument(
+        "--budget-target",
+        type=float,
+        default=0.05,
+        help="error target of the 'budget' method (automatic per-layer budget, default 0.05)",
     )
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -721,7 +796,11 @@ def run(args: argparse.Namespace) -> int:
         ratios=ratios,
         progress=not args.no_progress,
         via=args.via,
+        head=args.head,
+        budget_target=args.budget_target,
     )
+    if not args.budget_target > 0:
+        raise CLIError(f"--budget-target must be positive (e.g. 0.05), got {args.budget_target}")
     for m in methods:  # validate every config before training anything
         method_config(m, opts.ratios, opts.groups, opts.vdn_samples)
     dataset = load_dataset(args.data_dir)
@@ -732,7 +811,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(range(n_seeds))
     started = datetime.now(timezone.utc)
     title = (
-        f"bnrewrite demo — {dataset.describe()}; SmallResNet width {opts.width}; "
+        f"bnrewrite demo — {dataset.describe()}; SmallResNet width {opts.width}"
+        f"{', BatchNorm1d head' if opts.head == 'bn1d' else ''}; "
         f"batch {batch}, {epochs} epochs, {n_seeds} seed(s)"
     )
     print(title, flush=True)
@@ -751,6 +831,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": batch,
         "lr": opts.learning_rate,
         "width": opts.width,
+        "head": opts.head,
         "quick": bool(args.quick),
         "via": {m: applied_via(m, opts.via) for m in methods},
     }

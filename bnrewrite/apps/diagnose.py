@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..budget import estimator_errors, record_bn_inputs
 from ..config import SamplingConfig, parse_ratio
 from ..estimators import draw_offsets, normalize, sample_statistics
 from ..plan import SamplePlan, sample_plan
@@ -95,35 +96,6 @@ def estimator_plan(name: str, shape: Sequence[int], ratio: float, groups: int) -
     return plan
 
 
-def record_bn_inputs(model: nn.Module, batches: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-    """The input of every BatchNorm layer for each batch (training mode, full-batch BN).
-
-    ``model`` itself is not changed: the forward runs on a copy, so running statistics stay put.
-    """
-    import copy
-
-    work = copy.deepcopy(model).train()
-    acts: dict[str, list[Tensor]] = {}
-    hooks = []
-    for name, mod in work.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-
-            def hook(_m: nn.Module, inp: tuple[Tensor, ...], name: str = name) -> None:
-                acts.setdefault(name, []).append(inp[0].detach().clone())
-
-            hooks.append(mod.register_forward_pre_hook(hook))
-    if not hooks:
-        raise ValueError("the model has no BatchNorm layers to diagnose")
-    try:
-        with torch.no_grad():
-            for x in batches:
-                work(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return acts
-
-
 @dataclasses.dataclass
 class LayerStats:
     layer: str
@@ -147,33 +119,15 @@ def layer_errors(
     rows: list[LayerStats] = []
     for layer, xs in acts.items():
         for est in estimators:
-            mean_errs: list[Tensor] = []
-            var_errs: list[Tensor] = []
-            shared: list[Tensor] = []
+            mean_err, var_err, shared_err = estimator_errors(
+                xs, lambda shape, est=est: estimator_plan(est, shape, ratio, groups), draws
+            )
             plan = estimator_plan(est, xs[0].shape, ratio, groups)
-            for x in xs:
-                x64 = x.double()
-                dims = [0, *range(2, x64.dim())]
-                mu = x64.mean(dims)
-                var = x64.var(dims, unbiased=False).clamp_min(1e-12)
-                plan = estimator_plan(est, x64.shape, ratio, groups)
-                for _ in range(draws):
-                    m_hat, v_hat = sample_statistics(x64, plan, draw_offsets(plan, x64.device))
-                    rel_v = (v_hat - var) / var
-                    mean_errs.append(((m_hat - mu).abs() / var.sqrt()).mean())
-                    var_errs.append(rel_v.abs().mean())
-                    shared.append(rel_v.mean().square())
             full = int(math.prod(xs[0].shape) // xs[0].shape[1])
+            shape = tuple(int(s) for s in xs[0].shape)
             rows.append(
                 LayerStats(
-                    layer,
-                    tuple(int(s) for s in xs[0].shape),
-                    est,
-                    int(plan.count()),
-                    full,
-                    float(torch.stack(mean_errs).mean()),
-                    float(torch.stack(var_errs).mean()),
-                    float(torch.stack(shared).mean().sqrt()),
+                    layer, shape, est, int(plan.count()), full, mean_err, var_err, shared_err
                 )
             )
     return rows
@@ -247,7 +201,12 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
         model = small_resnet(
-            ckpt["in_channels"], ckpt["num_classes"], "bn", ckpt["width"], ckpt["blocks"]
+            ckpt["in_channels"],
+            ckpt["num_classes"],
+            "bn",
+            ckpt["width"],
+            ckpt["blocks"],
+            head=ckpt.get("head", "linear"),
         )
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:

@@ -9,6 +9,11 @@ virtual rows through it.
 ``norm="bn"`` uses ``nn.BatchNorm2d`` (which ``bnrewrite.convert_`` / ``bnrewrite.rewrite`` turn
 into sampled BN); ``norm="gn"`` uses ``nn.GroupNorm`` with ``gn_groups`` groups, the usual
 batch-independent alternative for micro-batches.
+
+``head="bn1d"`` replaces the linear classifier with an MLP head, ``Linear(c, 128) -> BatchNorm1d(128)
+-> ReLU -> Linear(128, classes)``: a BatchNorm over ``(N, C)`` inputs, one value per sample and
+channel, as in projection heads, tabular and recommendation models. Sampling the batch there leaves
+few values per channel; the sample plan's floor (``SamplingConfig.min_count``) is what keeps it safe.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 __all__ = ["SmallResNet", "BasicBlock", "make_norm", "small_resnet"]
 
 NORMS: tuple[str, ...] = ("bn", "gn")
+HEADS: tuple[str, ...] = ("linear", "bn1d")
 
 
 def make_norm(kind: str, channels: int, gn_groups: int = 8) -> nn.Module:
@@ -64,8 +70,11 @@ class SmallResNet(nn.Module):
         blocks: tuple[int, ...] = (1, 1, 1),
         norm: str = "bn",
         gn_groups: int = 8,
+        head: str = "linear",
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if len(widths) != len(blocks) or not widths:
             raise ValueError("widths and blocks must be non-empty and of the same length")
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
@@ -80,7 +89,11 @@ class SmallResNet(nn.Module):
                 cin = w
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc: nn.Module = nn.Linear(cin, num_classes)
+        if head == "bn1d":
+            self.fc = nn.Sequential(
+                nn.Linear(cin, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, num_classes)
+            )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -97,6 +110,7 @@ def small_resnet(
     norm: str = "bn",
     width: int = 16,
     blocks: int = 1,
+    head: str = "linear",
 ) -> SmallResNet:
     """``SmallResNet`` with widths ``(width, 2*width, 4*width)`` and ``blocks`` blocks per stage."""
     return SmallResNet(
@@ -105,4 +119,5 @@ def small_resnet(
         widths=(width, 2 * width, 4 * width),
         blocks=(blocks,) * 3,
         norm=norm,
+        head=head,
     )

@@ -88,12 +88,14 @@ def _has_batchnorm(function: ir.Function) -> bool:
     )
 
 
-def _rewrite_ir(model: ir.Model, cfg: SamplingConfig) -> RewriteReport:
+def _rewrite_ir(
+    model: ir.Model, cfg: SamplingConfig, overrides: Mapping[str, Any] | None = None
+) -> RewriteReport:
     if any(_has_batchnorm(f) for f in model.functions.values()):
         ir_common.InlinePass(criteria=_has_batchnorm)(model)
     ir_common.ShapeInferencePass(strict_mode=False)(model)
     report = RewriteReport()
-    if sampled_batchnorm_rules(cfg, report).apply_to_model(model):
+    if sampled_batchnorm_rules(cfg, report, overrides=overrides).apply_to_model(model):
         # Running statistics nobody reads (the exporter leaves them dangling) and their inputs
         # are dead code now: drop them. Declared or used ones are kept under their names.
         ir_common.RemoveUnusedNodesPass()(model)
@@ -123,10 +125,18 @@ def _trim_copied_provenance(model: ir.Model) -> None:
 
 
 def rewrite_with_report(
-    model: ModelT, config: SamplingConfig | Mapping[str, Any] | str | None = None
+    model: ModelT,
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[ModelT, RewriteReport]:
     """``rewrite`` that also returns the report (rewritten node names, skipped nodes and why)."""
     cfg = _coerce_config(config)
+    if cfg.uses_virtual_rows and overrides:
+        raise ValueError(
+            "overrides apply per BatchNormalization node; VDN rewrites the whole graph with one "
+            "config -- drop overrides or use a per-node method (bs, fs, ns, full)"
+        )
     if (
         cfg.uses_virtual_rows
     ):  # whole-graph rewrite on the proto; an ir.Model comes back as a new one
@@ -137,25 +147,31 @@ def rewrite_with_report(
             return _rewrite_vdn(model, cfg)
     if isinstance(model, onnx.ModelProto):
         model_ir = ir.serde.deserialize_model(model)
-        report = _rewrite_ir(model_ir, cfg)
+        report = _rewrite_ir(model_ir, cfg, overrides)
         return ir.serde.serialize_model(model_ir), report
     if isinstance(model, ir.Model):
-        return model, _rewrite_ir(model, cfg)
+        return model, _rewrite_ir(model, cfg, overrides)
     raise ValueError(
         f"model must be an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}"
     )
 
 
 def rewrite(
-    model: ModelT, config: SamplingConfig | Mapping[str, Any] | str | None = None
+    model: ModelT,
+    config: SamplingConfig | Mapping[str, Any] | str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ModelT:
     """Rewrite every training-mode ``BatchNormalization`` of ``model`` with sampled statistics.
 
     Takes an ``onnx.ModelProto`` (not modified; a new proto is returned) or an ``onnx_ir.Model``
     (rewritten in place and returned). Inference BN is left alone; nodes that cannot be rewritten
     (dynamic shapes, ...) are skipped and logged -- use :func:`rewrite_with_report` to get them.
+    ``overrides``: ``{name or pattern: config or None}`` per node, matched against the node's name
+    and the module path the exporter recorded (``"layer1.0.bn1"``), e.g. an automatic budget
+    (:func:`bnrewrite.budget.load_overrides`).
     """
-    return rewrite_with_report(model, config)[0]
+    return rewrite_with_report(model, config, overrides=overrides)[0]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""``bnrewrite onnx IN.onnx OUT.onnx --method fs --ratio 1/16 [--sampling fixed] [--seed N]``.
+"""``bnrewrite onnx IN.onnx OUT.onnx --method fs --ratio 1/16 [--sampling fixed] [--seed N]
+[--overrides BUDGET.json]``.
 
 Reads an ONNX model (external data files next to it are read too), rewrites its training-mode
 ``BatchNormalization`` nodes (:func:`bnrewrite.onnx.rewrite_with_report`), checks the result with
@@ -31,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN.onnx", help="ONNX model with training-mode BN")
     parser.add_argument("output", metavar="OUT.onnx", help="where to write the rewritten model")
     add_sampling_arguments(parser)
+    parser.add_argument(
+        "--overrides",
+        metavar="FILE.json",
+        default=None,
+        help="per-layer configs: a file from `bnrewrite budget` or {layer: config} (module paths "
+        "or node names)",
+    )
 
 
 def _load(path: str) -> tuple[onnx.ModelProto, bool]:
@@ -84,8 +92,13 @@ def _save(proto: onnx.ModelProto, path: str, external: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # bad method / ratio: ValueError, one line
+    overrides = None
+    if args.overrides is not None:
+        from ..budget import load_overrides
+
+        overrides = load_overrides(args.overrides)  # bad file: ValueError, one line
     proto, external = _load(args.input)
-    rewritten, report = rewrite_with_report(proto, config)
+    rewritten, report = rewrite_with_report(proto, config, overrides=overrides)
     if not report.rewritten:
         if report.skipped:
             reasons = "; ".join(f"{n}: {why}" for n, why in report.skipped)
