@@ -105,6 +105,22 @@ def to_markdown(data: dict[str, Any]) -> str:
             shape = "×".join(map(str, t["shape"]))
             lines.append(f"| {shape} | {t['config'] or 'default'} | {_fmt(_t(t))} |")
         lines.append("")
+    eager = data.get("eager") or []
+    if eager:
+        names = [k for k in eager[0]["times_ms"] if k != "native"]
+        lines.append(
+            "Eager rows (one BN layer, forward + backward without torch.compile; median ms, "
+            "time / native BN in parentheses):"
+        )
+        lines.append("")
+        lines.append("| shape | native | " + " | ".join(names) + " |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+        for row in eager:
+            shape = "×".join(map(str, row["shape"]))
+            t, r = row["times_ms"], row["ratio_vs_native"]
+            cells = [f"{t[n]:.3f} ({r[n]:.2f}×)" for n in names]
+            lines.append(f"| {shape} | {t['native']:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
     if data.get("errors"):
         lines.append("Errors: " + "; ".join(data["errors"]) + ".")
         lines.append("")

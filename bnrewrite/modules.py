@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SamplingConfig, select_config
-from .estimators import sampled_batch_norm
+from .eager import sampled_batch_norm  # native kernels in eager mode, the estimator when traced
 
 __all__ = [
     "SampledBatchNorm1d",

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .config import SamplingConfig
-from .estimators import sampled_batch_norm as _sampled_batch_norm
+from .eager import sampled_batch_norm as _sampled_batch_norm  # eager: native kernels
 
 __all__ = [
     "config_to_str",

@@ -54,9 +54,16 @@ def test_roofline_and_shape_parsing():
 def test_bench_cpu_small_mode(tmp_path, capsys):
     """Acceptance 2: one command, CPU, CI size; writes the JSON table and the ResNet-50 step."""
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--device", "cpu", "--out", str(out), "--e2e-steps", "1"])
+    rc = main(["bench", "--device", "cpu", "--small", "--out", str(out), "--e2e-steps", "1"])
     assert rc == 0
     data = json.loads(out.read_text())
+    # the eager rows (issue 12): native BN and every eager / composite variant, side by side
+    assert [row["shape"] for row in data["eager"]] == [list(s) for s in bench.EAGER_SMALL_SHAPES]
+    for row in data["eager"]:
+        assert set(row["times_ms"]) == {"native"} | {
+            f"{kind} {label}" for kind in ("eager", "composite") for label, *_ in bench.EAGER_METHODS
+        }
+        assert all(v > 0 for v in row["ratio_vs_native"].values())
     assert data["meta"]["mode"] == "small" and data["meta"]["torch"] == torch.__version__
     assert len(data["layers"]) == len(bench.SMALL_SHAPES)
     for row in data["layers"]:

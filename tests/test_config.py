@@ -105,5 +105,5 @@ def test_virtual_rows_default_follows_sampling():
     assert SamplingConfig("vdn").virtual == "running"
     assert SamplingConfig("vdn", sampling="fixed").virtual == "normal"
     assert SamplingConfig("fs_vdn", sampling="fixed", virtual="running").virtual == "running"
-    with pytest.raises(ValueError, match="virtual must be one of 'running', 'normal'"):
+    with pytest.raises(ValueError, match="virtual must be one of 'running', 'memory', 'normal'"):
         SamplingConfig("vdn", virtual="uniform")

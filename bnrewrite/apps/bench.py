@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections",
         default=None,
-        help="comma list of checks,layers,e2e,breakdown,compile,e2e-extra,tune (default: all)",
+        help="comma list of checks,eager,layers,e2e,breakdown,compile,e2e-extra,tune (default: "
+        "all)",
     )
     p.add_argument(
         "--e2e-variants",
@@ -411,6 +412,124 @@ def _print_row(row: dict[str, Any]) -> None:
         pct = row["ratios"].get(name, {}).get("pct_roofline")
         parts.append(f"{name} {v:.3f}" + (f" ({pct:.0f}%)" if pct else ""))
     print("  ".join(parts), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# eager rows: the sampled layer without torch.compile (issue 12)
+# ----------------------------------------------------------------------------------------------
+#: (N, C, H, W) of the eager rows: the issue's three shapes, a ResNet stage-2 input, and the demo's
+#: first-stage BN input (digits, batch 64, width 16).
+EAGER_SHAPES = [(64, 16, 8, 8), (64, 64, 28, 28), (128, 256, 14, 14), (32, 128, 56, 56)]
+EAGER_SMALL_SHAPES = [(8, 4, 6, 6), (16, 8, 4, 4)]
+#: (label, method, ratio, sampling)
+EAGER_METHODS = [
+    ("bs 1/8", "bs", 1 / 8, "random"),
+    ("fs 1/16", "fs", 1 / 16, "random"),
+    ("ns 1/8", "ns", 1 / 8, "random"),
+    ("bs 1/8 fixed", "bs", 1 / 8, "fixed"),
+]
+
+
+def _median_interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], None], rounds: int = 3
+):
+    """Median ms of each function over ``rounds`` rounds; in a round each function runs one
+    warm-up call and then ``reps // rounds`` timed calls back to back. Rounds alternate between
+    the variants, so that a noisy, shared machine slows every variant alike, while back-to-back
+    calls keep one variant's allocations from disturbing the next one's timing."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(1, reps // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            sync()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _eager_table(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:
+    """Forward + backward of one BN layer in eager mode (random upstream gradient): PyTorch's
+    ``F.batch_norm`` against each sampled method through the eager lowering
+    (:mod:`bnrewrite.eager`) and through the estimator's composite aten form (the route before
+    the eager lowering, and the one the compilers trace)."""
+    import torch
+
+    device, dtype = ctx["device"], ctx["dtype"]
+    shapes = EAGER_SMALL_SHAPES if args.small else EAGER_SHAPES
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(
+        f"  eager rows (forward + backward, {str(dtype).replace('torch.', '')}, "
+        f"{'channels-last' if args.layout == 'cl' else 'NCHW'}, median ms; ratio = time / "
+        f"native BN):",
+        flush=True,
+    )
+    for shape in shapes:
+        if budget.left() < 10:
+            result["skipped"].append(f"eager {shape}: budget ({budget.left():.0f} s left)")
+            continue
+        times = _eager_row(shape, device, dtype, args.layout, sync)
+        base = times["native"]
+        result["eager"].append(
+            {
+                "shape": list(shape),
+                "times_ms": times,
+                "ratio_vs_native": {k: v / base for k, v in times.items()},
+            }
+        )
+        text = "x".join(map(str, shape))
+        cells = [f"native {base:.3f}"] + [
+            f"{k} {v:.3f} ({v / base:.2f}x)" for k, v in times.items() if k != "native"
+        ]
+        print(f"  {text:>16} | " + " | ".join(cells), flush=True)
+        _free()
+
+
+def _eager_row(
+    shape: tuple[int, ...], device: str, dtype: Any, layout: str, sync: Callable[[], None]
+) -> dict[str, float]:
+    import torch
+
+    from ..config import SamplingConfig
+    from ..eager import eager_sampled_batch_norm
+    from ..estimators import sampled_batch_norm as composite
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if layout == "cl" and len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    c = shape[1]
+    w = torch.ones(c, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(c, device=device, dtype=dtype, requires_grad=True)
+    rm = torch.zeros(c, device=device, dtype=torch.float32)
+    rv = torch.ones(c, device=device, dtype=torch.float32)
+
+    def step(fwd: Callable[..., Any]) -> Callable[[], Any]:
+        def run() -> None:
+            x.grad = w.grad = b.grad = None
+            fwd(x, rm, rv, w, b).backward(dy)
+
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {
+        "native": step(lambda *a: torch.nn.functional.batch_norm(*a, True, 0.1, 1e-5))
+    }
+    for label, method, ratio, sampling in EAGER_METHODS:
+        cfg = SamplingConfig(method, ratio=ratio, sampling=sampling)
+        fns[f"eager {label}"] = step(
+            lambda *a, cfg=cfg: eager_sampled_batch_norm(*a, True, 0.1, 1e-5, config=cfg)
+        )
+        fns[f"composite {label}"] = step(
+            lambda *a, cfg=cfg: composite(*a, True, 0.1, 1e-5, config=cfg)
+        )
+    numel = math.prod(shape)
+    reps = 15 if numel > 5e6 else (25 if numel > 2e5 else 41)
+    return _median_interleaved(fns, reps, sync)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,7 +862,7 @@ def _bandwidth(device: str) -> float | None:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-SECTIONS = ("checks", "layers", "e2e", "breakdown", "compile", "e2e-extra", "tune")
+SECTIONS = ("checks", "eager", "layers", "e2e", "breakdown", "compile", "e2e-extra", "tune")
 
 
 def _sections(args: argparse.Namespace) -> set[str]:
@@ -835,6 +954,7 @@ def run(args: argparse.Namespace) -> int:
             "argv": sys.argv[1:],
         },
         "checks": [],
+        "eager": [],
         "layers": [],
         "e2e": None,
         "skipped": [],
@@ -859,6 +979,8 @@ def run(args: argparse.Namespace) -> int:
     # cheap rows first, then the ResNet-50 step, then what needs many compiles; a phase that
     # fails is recorded and the run goes on, so the JSON is always written
     phases: list[tuple[str, Callable[[], None]]] = []
+    if "eager" in sections:
+        phases.append(("eager", lambda: _eager_table(args, ctx, budget, result)))
     if "layers" in sections:
         phases.append(("layers", lambda: _layer_table(args, ctx, budget, result, "base")))
     if "e2e" in sections:
