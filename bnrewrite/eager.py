@@ -26,7 +26,9 @@ Where it runs. :func:`sampled_batch_norm` picks this lowering for plain tensors 
 (``torch.compile``, ``torch.export``, ``make_fx``, FX tracing) and otherwise the estimator's aten
 form, which the compilers fuse themselves: ``SampledBatchNormNd`` modules, the FX pass's
 ``bnrewrite::sampled_batch_norm`` op run eagerly, and ``bnrewrite.sampled_batch_norm`` users all get
-it. ``BNREWRITE_EAGER=0`` turns it off (the estimator's composite form everywhere).
+it, for inputs of at least ``EAGER_MIN_NUMEL`` (1M) elements; smaller ones are launch-bound either
+way and keep the composite form. ``BNREWRITE_EAGER=0`` turns it off (the estimator's composite
+form everywhere), ``BNREWRITE_EAGER=1`` uses it at every size.
 """
 
 from __future__ import annotations
@@ -51,7 +53,18 @@ from .estimators import (
 from .estimators import sampled_batch_norm as composite_sampled_batch_norm
 from .plan import SamplePlan, sample_plan
 
-__all__ = ["eager_applicable", "eager_sampled_batch_norm", "sample_index", "sampled_batch_norm"]
+__all__ = [
+    "EAGER_MIN_NUMEL",
+    "eager_applicable",
+    "eager_sampled_batch_norm",
+    "sample_index",
+    "sampled_batch_norm",
+]
+
+#: Inputs with fewer elements keep the composite form: there a layer costs a dozen kernel
+#: launches and Python either way, and on this CPU neither form beats PyTorch's BN (0.1-1 ms per
+#: layer; docs/results.md, "Eager speed"); from ~1M elements the native split wins clearly.
+EAGER_MIN_NUMEL = 1 << 20
 
 
 def _tracing() -> bool:
@@ -65,17 +78,21 @@ def _tracing() -> bool:
 
 
 def eager_applicable(x: Tensor) -> bool:
-    """True when :func:`eager_sampled_batch_norm` may run: a plain tensor outside any tracer
-    (no fake, functional or symbolic tensors), unless ``BNREWRITE_EAGER=0``."""
+    """True when :func:`eager_sampled_batch_norm` runs: a plain tensor of at least
+    ``EAGER_MIN_NUMEL`` elements outside any tracer (no fake, functional or symbolic tensors);
+    ``BNREWRITE_EAGER=0`` turns it off, ``BNREWRITE_EAGER=1`` drops the size threshold."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces no further
         return False
-    if os.environ.get("BNREWRITE_EAGER", "1") == "0":
+    setting = os.environ.get("BNREWRITE_EAGER", "")
+    if setting == "0":
         return False
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         return False
     if torch._is_functional_tensor(x) or _tracing():
         return False
-    return all(isinstance(d, int) for d in x.shape)
+    if not all(isinstance(d, int) for d in x.shape):
+        return False
+    return setting == "1" or x.numel() >= EAGER_MIN_NUMEL
 
 
 def sample_index(plan: SamplePlan, offsets: Tensor, device: torch.device) -> tuple[Tensor, ...]:

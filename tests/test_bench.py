@@ -61,7 +61,9 @@ def test_bench_cpu_small_mode(tmp_path, capsys):
     assert [row["shape"] for row in data["eager"]] == [list(s) for s in bench.EAGER_SMALL_SHAPES]
     for row in data["eager"]:
         assert set(row["times_ms"]) == {"native"} | {
-            f"{kind} {label}" for kind in ("eager", "composite") for label, *_ in bench.EAGER_METHODS
+            f"{kind} {label}"
+            for kind in ("eager", "composite")
+            for label, *_ in bench.EAGER_METHODS
         }
         assert all(v > 0 for v in row["ratio_vs_native"].values())
     assert data["meta"]["mode"] == "small" and data["meta"]["torch"] == torch.__version__

@@ -134,10 +134,11 @@ def test_gradcheck(method, shape):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-def test_modules_and_rewritten_graphs_run_the_eager_lowering():
+def test_modules_and_rewritten_graphs_run_the_eager_lowering(monkeypatch):
     """``convert_`` modules and an FX-rewritten model run eagerly on the native kernels (the
     backward node is the eager lowering's); under ``torch.compile`` the estimator's aten form is
     traced instead, with the same numbers."""
+    monkeypatch.setenv("BNREWRITE_EAGER", "1")  # every size (the default starts at 1M elements)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     x = torch.randn(16, 3, 8, 8)
@@ -160,10 +161,16 @@ def test_modules_and_rewritten_graphs_run_the_eager_lowering():
 
 
 def test_applicability_and_switch(monkeypatch):
+    from bnrewrite.eager import EAGER_MIN_NUMEL
+
+    monkeypatch.delenv("BNREWRITE_EAGER", raising=False)
     x = torch.randn(4, 3)
+    big = torch.empty(EAGER_MIN_NUMEL // 64, 64)
+    assert not eager_applicable(x) and eager_applicable(big)  # small: the composite form
+    monkeypatch.setenv("BNREWRITE_EAGER", "1")
     assert eager_applicable(x)
     monkeypatch.setenv("BNREWRITE_EAGER", "0")
-    assert not eager_applicable(x)
+    assert not eager_applicable(big)
     monkeypatch.delenv("BNREWRITE_EAGER")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
