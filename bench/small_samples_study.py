@@ -102,13 +102,17 @@ def table(seeds: int) -> None:
                   flush=True)  # fmt: skip
 
 
-def micro(seeds: int, epochs_digits: int, lr: float, only: str | None) -> None:
+def micro(
+    seeds: int, epochs_digits: int, lr: float, only: str | None, methods: tuple[str, ...]
+) -> None:
     epochs = {"digits": epochs_digits, "breast cancer": 3 * epochs_digits}
     rows: list[tuple[str, str, SamplingConfig | None]] = [
         ("BN", "bn", None),
         ("GroupNorm", "gn", None),
     ]
-    for method in ("vdn", "fs_vdn"):
+    if "bn" not in methods:
+        rows = []
+    for method in [m for m in ("vdn", "fs_vdn") if m in methods]:
         for virtual in ("normal", "running", "memory"):
             rows.append((f"{method}, {virtual}", "bn", SamplingConfig(method, virtual=virtual)))
     print("| data | config | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |")
@@ -131,12 +135,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="micro: digits epochs (cancer: 3x)")
     ap.add_argument("--lr", type=float, default=0.02, help="micro: SGD learning rate")
     ap.add_argument("--only", default=None, help="micro: one data set ('digits')")
+    ap.add_argument("--methods", default="bn,vdn,fs_vdn", help="micro: rows (bn = BN and GN)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part == "table":
         table(args.seeds)
     else:
-        micro(args.seeds, args.epochs, args.lr, args.only)
+        micro(args.seeds, args.epochs, args.lr, args.only, tuple(args.methods.split(",")))
 
 
 if __name__ == "__main__":

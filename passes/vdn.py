@@ -65,8 +65,9 @@ from bnrewrite.estimators import (
     remember_rows,
     replayed_rows,
 )
-from bnrewrite.plan import virtual_rows_for_floor
 from bnrewrite.modules import share_structure
+from bnrewrite.ops import is_sampled_batch_norm_op
+from bnrewrite.plan import virtual_rows_for_floor
 
 from .fx import (
     BatchNormRoot,
@@ -278,13 +279,16 @@ class _Emitter:
         self.dynamo = any(n.op == "placeholder" and "grapharg" in n.meta for n in gm.graph.nodes)
 
     def rows(self, conditional: bool, v: int) -> Any:
-        """``V``, or ``V * self.training`` for graphs traced from a module (0 in eval mode)."""
+        """``V``, or ``self._vdn_rows * self.training`` for graphs traced from a module (0 in
+        eval mode; an attribute, so that the first call can raise it for the floor)."""
         if not conditional:
             return v
+        self.gm._vdn_rows = v
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
             flag = self.graph.get_attr("training")
-        return self.graph.call_function(operator.mul, (flag, v))
+            count = self.graph.get_attr("_vdn_rows")
+        return self.graph.call_function(operator.mul, (flag, count))
 
     def virtual(self, x: fx.Node, rows: Any, config: SamplingConfig, seed: int) -> fx.Node:
         g = self.graph
@@ -444,7 +448,8 @@ def rewrite_vdn(
         overrides=overrides,
     )
     names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
-    v, raised = _virtual_rows_for_floor(analysis, cfg.vdn_samples)
+    unknown: list[tuple[str, SamplingConfig]] = []
+    v, raised = _virtual_rows_for_floor(analysis, cfg.vdn_samples, unknown)
     if v != cfg.vdn_samples:
         analysis.bn = [(site, c.replace(vdn_samples=v) if c else c) for site, c in analysis.bn]
         log.info(
@@ -519,11 +524,26 @@ def rewrite_vdn(
     gm.training = source_training
     gm.meta["bnrewrite"] = report.bn
     gm.meta["bnrewrite_vdn"] = report
+    if unknown and traced and isinstance(rows, fx.Node):
+        function_form = [
+            n.name
+            for n in graph.nodes
+            if n.op == "call_function" and is_sampled_batch_norm_op(n.target)
+        ]
+        if function_form:  # their configs are graph constants: the first call cannot raise them
+            warn_user(
+                f"bnrewrite VDN: the input shapes of {[n for n, _ in unknown]} are unknown, so "
+                f"the floor cannot size the virtual rows; pass example_inputs= to rewrite"
+            )
+        else:
+            _size_rows_on_first_call(gm, model, v, unknown)
     log.info("%s", report)
     return (gm, report) if return_report else gm
 
 
-def _virtual_rows_for_floor(analysis: Analysis, v: int) -> tuple[int, list[tuple[str, int, int]]]:
+def _virtual_rows_for_floor(
+    analysis: Analysis, v: int, unknown: list[tuple[str, SamplingConfig]] | None = None
+) -> tuple[int, list[tuple[str, int, int]]]:
     """The virtual rows a graph needs so that no ``vdn`` layer's statistics come from fewer values
     than its floor, and ``(layer, values before, values after)`` for each layer raised.
 
@@ -533,6 +553,8 @@ def _virtual_rows_for_floor(analysis: Analysis, v: int) -> tuple[int, list[tuple
     Positions come from the input's shape where the graph knows it (Dynamo graphs,
     ``example_inputs=``); a ``BatchNorm1d`` module of unknown input shape is taken as ``(N, C)``.
     ``fs_vdn`` layers also read the ``fs`` sample of the real rows, which the plan's floor raises.
+    Module-form ``vdn`` layers of unknown shape are appended to ``unknown`` (sized at the first
+    call by :func:`_size_rows_on_first_call`).
     """
     need, per_layer = v, []
     for site, cfg in analysis.bn:
@@ -546,6 +568,8 @@ def _virtual_rows_for_floor(analysis: Analysis, v: int) -> tuple[int, list[tuple
         ):
             per_row = 1
         else:
+            if unknown is not None and site.form == "module":
+                unknown.append((str(site.node.target), cfg))
             continue
         rows = virtual_rows_for_floor(cfg, per_row)
         if rows > cfg.vdn_samples:
@@ -553,6 +577,67 @@ def _virtual_rows_for_floor(analysis: Analysis, v: int) -> tuple[int, list[tuple
         need = max(need, rows)
     raised = [(name, v * per_row, need * per_row) for name, per_row in per_layer]
     return need, raised
+
+
+def _size_rows_on_first_call(
+    gm: fx.GraphModule, model: nn.Module, v: int, unknown: list[tuple[str, SamplingConfig]]
+) -> None:
+    """Shapes were unknown at rewrite time (an ``nn.Module`` without ``example_inputs``): on the
+    first training call, probe the model's BN input shapes on one sample of the real batch (the
+    original modules, eval mode, no gradient: nothing is updated) and, if a ``vdn`` layer needs
+    more virtual rows than the graph has, raise them before the call runs: the graph reads its row
+    count from ``gm._vdn_rows`` and its sampled modules read ``config`` at run time."""
+    handle = None
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not module.training:
+            return
+        assert handle is not None
+        handle.remove()
+        positions: dict[str, int] = {}
+
+        def record(name: str) -> Any:
+            def pre_hook(_m: nn.Module, a: tuple[Any, ...]) -> None:  # returns None: input kept
+                positions.setdefault(name, a[0][0, 0].numel())
+
+            return pre_hook
+
+        wanted = dict(unknown)
+        hooks = [
+            m.register_forward_pre_hook(record(name))
+            for name, m in model.named_modules()
+            if name in wanted
+        ]
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*[a[:1] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args])
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+        per_layer = {
+            n: virtual_rows_for_floor(c, positions[n]) for n, c in unknown if n in positions
+        }
+        need = max([v, *per_layer.values()])
+        if need <= v:
+            return
+        for m in module.modules():
+            cfg = getattr(m, "config", None)
+            if isinstance(cfg, SamplingConfig) and cfg.uses_virtual_rows:
+                m.config = cfg.replace(vdn_samples=need)
+        module._vdn_rows = need
+        report = module.meta.get("bnrewrite_vdn")
+        if report is not None:
+            report.virtual_rows = need
+            report.bn.raised.extend(
+                (n, v * positions[n], need * positions[n]) for n, r in per_layer.items() if r > v
+            )
+        log.info("rewrite_vdn: %d virtual row(s) instead of %d for the floor (first call)", need, v)
+
+    handle = gm.register_forward_pre_hook(hook)
 
 
 def _moments_for(moments: Any, name: str, index: int) -> tuple[Tensor, Tensor] | None:

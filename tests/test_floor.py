@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import copy
 import os
 import sys
 
@@ -183,3 +184,24 @@ def test_module_report_names_raised_layers_given_example_inputs():
         assert torch.equal(v, before[k]), k
     _, plain = bnrewrite.rewrite(model, SamplingConfig("bs", ratio=1 / 16), return_report=True)
     assert plain.raised == []  # without shapes the graph cannot know
+
+
+def test_vdn_sizes_its_virtual_rows_on_the_first_call_when_shapes_were_unknown():
+    """An ``nn.Module`` rewritten without ``example_inputs``: the conv layers' positions are
+    learnt on the first training call (2x2 maps: 4 positions, 8 rows for the floor of 32) and the
+    result equals a rewrite told the shapes up front (fixed rows, same parameters)."""
+    from bnrewrite.apps.models import small_resnet
+    from bnrewrite.passes.vdn import rewrite_vdn
+
+    torch.manual_seed(0)
+    model = small_resnet(1, 10, width=8)
+    x = torch.randn(3, 1, 8, 8)
+    cfg = {"method": "vdn", "sampling": "fixed", "seed": 1}
+    lazy = rewrite_vdn(copy.deepcopy(model), cfg)
+    assert lazy.meta["bnrewrite_vdn"].virtual_rows == 2  # not known yet
+    told = rewrite_vdn(copy.deepcopy(model), cfg, example_inputs=(x,))
+    assert told.meta["bnrewrite_vdn"].virtual_rows == 8
+    torch.testing.assert_close(lazy(x), told(x))
+    report = lazy.meta["bnrewrite_vdn"]
+    assert report.virtual_rows == 8 and ("layers.2.bn1", 8, 32) in report.bn.raised
+    torch.testing.assert_close(lazy(x * 2), told(x * 2))

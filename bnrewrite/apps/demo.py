@@ -378,6 +378,10 @@ def train_one(
             bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}", test_acc=f"{acc:.1f}")
     if not all(math.isfinite(v) for v in result.train_loss):
         result.status = "diverged (non-finite training loss)"
+    vdn_report = getattr(model, "meta", {}).get("bnrewrite_vdn")
+    if vdn_report is not None and result.config is not None:
+        # the rows the graph carried: the floor may raise vdn_samples (at the first call)
+        result.config["virtual_rows"] = vdn_report.virtual_rows
     if keep_model is not None:
         keep_model.append(model)
     return result
@@ -455,7 +459,9 @@ def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict
                 "label": LABELS[m],
                 "ratio": cfg.get("ratio") if cfg else None,
                 "groups": cfg.get("groups") if cfg else None,
-                "vdn_samples": cfg.get("vdn_samples") if cfg and m in ("vdn", "fs_vdn") else None,
+                "vdn_samples": (cfg.get("virtual_rows") or cfg.get("vdn_samples"))
+                if cfg and m in ("vdn", "fs_vdn")
+                else None,
                 "target": cfg.get("target") if cfg and m == "budget" else None,
                 "reads": statistics.fmean(reads) if reads else None,
                 "seeds": len(ok),
