@@ -6,9 +6,9 @@ its own."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-import copy
 import os
 import sys
 
@@ -190,8 +190,9 @@ def test_vdn_sizes_its_virtual_rows_on_the_first_call_when_shapes_were_unknown()
     """An ``nn.Module`` rewritten without ``example_inputs``: the conv layers' positions are
     learnt on the first training call (2x2 maps: 4 positions, 8 rows for the floor of 32) and the
     result equals a rewrite told the shapes up front (fixed rows, same parameters)."""
-    from bnrewrite.apps.models import small_resnet
     from bnrewrite.passes.vdn import rewrite_vdn
+
+    from bnrewrite.apps.models import small_resnet
 
     torch.manual_seed(0)
     model = small_resnet(1, 10, width=8)
