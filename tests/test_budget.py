@@ -206,3 +206,24 @@ def test_budget_cli_writes_overrides_and_checks_held_out(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "b.json"
     assert main(["budget", "--quick", "--out", str(missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_onnx_cli_bad_overrides_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import bnrewrite.onnx as bonnx
+    from bnrewrite.cli import main
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = bonnx.export(small_resnet(1, 10, width=4), (torch.randn(8, 1, 8, 8),), io.BytesIO())
+    onnx.save(proto, src)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bn": {"method": "vdn"}}))
+    for path, message in [(tmp_path / "none.json", "not found"), (bad, "needs virtual rows")]:
+        rc = main(["onnx", str(src), str(dst), "--method", "bs", "--overrides", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not dst.exists()
