@@ -76,7 +76,7 @@ def _sets() -> dict[str, Dataset]:
 TABLE_EPOCHS = {"digits": 8, "breast cancer": 30}
 
 
-def table(seeds: int) -> None:
+def table(seeds: int, methods: tuple[str, ...]) -> None:
     configs: list[tuple[str, SamplingConfig | None]] = [
         ("BN", None),
         ("bs (1/8)", SamplingConfig("bs")),
@@ -95,6 +95,8 @@ def table(seeds: int) -> None:
         make = lambda d=data: small_resnet(d.in_channels, d.num_classes, head="bn1d")  # noqa: E731
         base = None
         for label, cfg in configs:
+            if cfg is not None and cfg.method not in methods:
+                continue
             accs = [train(make, cfg, data, s, TABLE_EPOCHS[name], 64, 0.05) for s in range(seeds)]
             mean = statistics.fmean(accs)
             base = mean if base is None else base
@@ -135,11 +137,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="micro: digits epochs (cancer: 3x)")
     ap.add_argument("--lr", type=float, default=0.02, help="micro: SGD learning rate")
     ap.add_argument("--only", default=None, help="micro: one data set ('digits')")
-    ap.add_argument("--methods", default="bn,vdn,fs_vdn", help="micro: rows (bn = BN and GN)")
+    ap.add_argument(
+        "--methods",
+        default="bn,ns,bs,fs,vdn,fs_vdn",
+        help="rows to run (BN is always the table's baseline; micro: bn = BN and GN)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part == "table":
-        table(args.seeds)
+        table(args.seeds, tuple(args.methods.split(",")))
     else:
         micro(args.seeds, args.epochs, args.lr, args.only, tuple(args.methods.split(",")))
 

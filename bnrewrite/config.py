@@ -37,12 +37,13 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("full", "ns", "bs", "fs", "vdn", "fs_vdn")
 SAMPLINGS: tuple[str, ...] = ("random", "fixed")
-#: Where ``vdn`` / ``fs_vdn`` virtual rows come from: ``running`` -- ``mean + std * z`` with the
-#: per-feature moments of the real inputs seen in *earlier* calls (standard normal until two real
-#: samples were seen); ``memory`` -- real inputs of earlier calls, drawn from a ring of the last
-#: 64; ``normal`` -- plain standard normal ``z``. Default: ``running`` for random
-#: sampling, ``normal`` for fixed sampling (whose rows are the same on every call).
-VIRTUALS: tuple[str, ...] = ("running", "memory", "normal")
+#: Where ``vdn`` / ``fs_vdn`` virtual rows come from: ``memory`` -- real inputs of earlier calls,
+#: drawn from a ring of the last 64 (standard normal until one was seen); ``running`` --
+#: ``mean + std * z`` with the per-feature moments of the real inputs of earlier calls;
+#: ``normal`` -- plain standard normal ``z``. Default: ``memory`` for random sampling (measured
+#: best at batch 2, docs/results.md), ``normal`` for fixed sampling (its rows are the same on
+#: every call).
+VIRTUALS: tuple[str, ...] = ("memory", "running", "normal")
 
 #: Default ratio per method: 1/8 of the batch for ns/bs, 1/16 of the spatial extent for fs/fs_vdn.
 DEFAULT_RATIO: dict[str, float] = {
@@ -111,7 +112,7 @@ class SamplingConfig:
 
     ``ratio``, ``groups``, ``vdn_samples``, ``min_count`` and ``virtual`` left as ``None`` take the
     defaults (``DEFAULT_RATIO``, 4 groups -- 1 for ``ns`` --, 2 virtual samples, a floor of
-    ``DEFAULT_MIN_COUNT`` values per channel, ``running`` virtual rows for random sampling and
+    ``DEFAULT_MIN_COUNT`` values per channel, ``memory`` virtual rows for random sampling and
     ``normal`` ones for fixed sampling), so that
     ``SamplingConfig(method="fs")`` is a complete config and ``to_dict`` shows concrete values.
     """
@@ -185,7 +186,7 @@ class SamplingConfig:
 
         virtual = self.virtual
         if virtual is None:
-            virtual = "normal" if sampling == "fixed" else "running"
+            virtual = "normal" if sampling == "fixed" else "memory"
         virtual = virtual.lower() if isinstance(virtual, str) else virtual
         if virtual not in VIRTUALS:
             raise ValueError(

@@ -732,12 +732,13 @@ def test_running_rows_use_only_earlier_inputs():
     assert float(source.count) == 20
 
 
-def test_running_rows_move_the_virtual_statistics_to_the_data():
+@pytest.mark.parametrize("virtual", ["running", "memory"])
+def test_running_rows_move_the_virtual_statistics_to_the_data(virtual):
     """A BatchNorm1d-head model on inputs of mean 3 and std 2: after a few training calls the
     vdn statistics (from 32 virtual rows, the floor) are close to the full-batch ones."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 2))
-    gm = rewrite_vdn(model, SamplingConfig(method="vdn", vdn_samples=4))
+    gm = rewrite_vdn(model, SamplingConfig(method="vdn", vdn_samples=4, virtual=virtual))
     data = [torch.randn(64, 6) * 2 + 3 for _ in range(20)]
     for x in data:
         gm(x)
@@ -750,19 +751,23 @@ def test_running_rows_move_the_virtual_statistics_to_the_data():
     assert not any(isinstance(m, type(gm._vdn_running_0)) for m in normal.modules())  # no state
 
 
-def test_compiled_running_rows_keep_their_state_and_do_not_recompile():
+@pytest.mark.parametrize("virtual", ["running", "memory"])
+def test_compiled_running_rows_keep_their_state_and_do_not_recompile(virtual):
+    """``running`` / ``memory`` under a torch.compile backend: the state lives behind the opaque
+    op, is updated once per step, and the graph compiles once."""
     torch.manual_seed(0)
     from bnrewrite.passes import vdn as vdn_pass
 
     model = PerSampleView()
     before = set(vdn_pass._RUNNING_SOURCES.keys())
     graphs: list = []
-    cfg = SamplingConfig(method="vdn", vdn_samples=V)
+    cfg = SamplingConfig(method="vdn", vdn_samples=V, virtual=virtual)
     _train_compiled(model, _vdn_backend(cfg, graphs), [torch.randn(4, 3, 6, 6) + 2] * 3)
     new = [vdn_pass._RUNNING_SOURCES[k] for k in set(vdn_pass._RUNNING_SOURCES) - before]
     assert len(graphs) == 1 and len(new) == 1
     assert float(new[0].count) == 12  # three steps of 4 real rows, each folded in once
-    torch.testing.assert_close(new[0].mean.mean(), torch.tensor(2.0), atol=0.3, rtol=0)
+    seen = new[0].mean if virtual == "running" else new[0].memory[:12]
+    torch.testing.assert_close(seen.mean(), torch.tensor(2.0), atol=0.3, rtol=0)
 
 
 def test_memory_rows_are_earlier_inputs():
