@@ -105,26 +105,32 @@ def table(seeds: int, methods: tuple[str, ...]) -> None:
 
 
 def micro(
-    seeds: int, epochs_digits: int, lr: float, only: str | None, methods: tuple[str, ...]
+    seeds: int,
+    epochs_digits: int,
+    lr: float,
+    only: str | None,
+    methods: tuple[str, ...],
+    first_seed: int = 0,
+    virtuals: tuple[str, ...] = ("normal", "running", "memory"),
 ) -> None:
     epochs = {"digits": epochs_digits, "breast cancer": 3 * epochs_digits}
-    rows: list[tuple[str, str, SamplingConfig | None]] = [
-        ("BN", "bn", None),
-        ("GroupNorm", "gn", None),
-    ]
-    if "bn" not in methods:
-        rows = []
+    rows: list[tuple[str, str, SamplingConfig | None]] = []
+    if "bn" in methods:
+        rows.append(("BN", "bn", None))
+    if "gn" in methods:
+        rows.append(("GroupNorm", "gn", None))
     for method in [m for m in ("vdn", "fs_vdn") if m in methods]:
-        for virtual in ("normal", "running", "memory"):
+        for virtual in virtuals:
             rows.append((f"{method}, {virtual}", "bn", SamplingConfig(method, virtual=virtual)))
-    print("| data | config | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |")
+    seed_list = range(first_seed, first_seed + seeds)
+    print("| data | config | " + " | ".join(f"seed {s}" for s in seed_list) + " | mean |")
     print("| --- | --- | " + " | ".join("---" for _ in range(seeds)) + " | --- |")
     for name, data in _sets().items():
         if only and only != name:
             continue
         for label, norm, cfg in rows:
             make = lambda d=data, n=norm: small_resnet(d.in_channels, d.num_classes, norm=n)  # noqa: E731
-            accs = [train(make, cfg, data, s, epochs[name], 2, lr) for s in range(seeds)]
+            accs = [train(make, cfg, data, s, epochs[name], 2, lr) for s in seed_list]
             cells = " | ".join("diverged" if math.isnan(a) else f"{a:.1f}" for a in accs)
             mean = statistics.fmean(0.0 if math.isnan(a) else a for a in accs)
             print(f"| {name} ({epochs[name]} ep.) | {label} | {cells} | {mean:.1f} |", flush=True)
@@ -137,17 +143,27 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="micro: digits epochs (cancer: 3x)")
     ap.add_argument("--lr", type=float, default=0.02, help="micro: SGD learning rate")
     ap.add_argument("--only", default=None, help="micro: one data set ('digits')")
+    ap.add_argument("--first-seed", type=int, default=0, help="micro: seeds from this one")
+    ap.add_argument("--virtual", default="normal,running,memory", help="micro: virtual rows")
     ap.add_argument(
         "--methods",
-        default="bn,ns,bs,fs,vdn,fs_vdn",
-        help="rows to run (BN is always the table's baseline; micro: bn = BN and GN)",
+        default="bn,gn,ns,bs,fs,vdn,fs_vdn",
+        help="rows to run (BN is always the table's baseline; micro: bn, gn, vdn, fs_vdn)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part == "table":
         table(args.seeds, tuple(args.methods.split(",")))
     else:
-        micro(args.seeds, args.epochs, args.lr, args.only, tuple(args.methods.split(",")))
+        micro(
+            args.seeds,
+            args.epochs,
+            args.lr,
+            args.only,
+            tuple(args.methods.split(",")),
+            args.first_seed,
+            tuple(args.virtual.split(",")),
+        )
 
 
 if __name__ == "__main__":
