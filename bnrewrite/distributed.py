@@ -1,0 +1,202 @@
+"""Sampled synchronised BatchNorm: the sample of every rank, pooled across a process group.
+
+For rank ``r`` of a process group with local input ``x_r`` of shape ``(N_r, C, *S)`` and local
+sample set ``A_r`` (the plan of ``x_r``'s shape, floor included; random positions drawn by each
+rank from its own RNG), ``n_r = |A_r|`` values per channel:
+
+    forward   local mean_r and M2_r = n_r * biased var_r over A_r (float32, two passes);
+              one all_gather of (n_r, mean_r, M2_r) packed in one tensor, then Chan's merge:
+              n = sum n_r,  mu = sum n_r mean_r / n,
+              M2 = sum (M2_r + n_r (mean_r - mu)^2),  var = M2 / n
+              y_r = (x_r - mu) * rsqrt(var + eps) * w + b        (the whole local tensor)
+              running statistics with the global n: rv <- (1-m) rv + m var n/(n-1)
+    backward  local Sdy_r = sum dy_r, Sdyx_r = sum dy_r * xh_r over every local element;
+              one all_reduce of the two, packed; then on the local sampled elements a
+              dx_a = s dy_a + (g_mu + 2 g_var (x_a - mu)) / n with s = w rstd,
+              g_mu = -s * sum_r Sdy_r, g_var = -s rstd sum_r Sdyx_r / 2, and dx = s dy elsewhere;
+              dw, db are the local sums (DDP averages parameter gradients across ranks, as for
+              PyTorch's SyncBatchNorm).
+
+Two collectives per layer and step, as ``nn.SyncBatchNorm``. With no process group initialised,
+or one rank, it is the local sampled BN. ``method="full"`` is an exact SyncBatchNorm that also
+runs on CPU (gloo). ``vdn``/``fs_vdn`` are refused: virtual rows are a whole-graph rewrite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import SamplingConfig
+from .eager import _SampleAccess
+from .eager import sampled_batch_norm as local_sampled_batch_norm
+from .estimators import draw_offsets, sample_statistics, update_running_stats
+from .plan import sample_plan
+
+__all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm"]
+
+
+def _group_size(group: Any) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class _SyncSampledBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        n: float,
+        eps: float,
+        access: _SampleAccess,
+        group: Any,
+    ) -> Tensor:
+        acc = mean.dtype
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight.to(acc)
+        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x.to(acc) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.n, ctx.access, ctx.group = n, access, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, mean, rstd = ctx.saved_tensors
+        acc = mean.dtype
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        dyf = dy.to(acc)
+        xh = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
+        local = torch.stack([dyf.sum(dims), (dyf * xh).sum(dims)])  # (2, C)
+        total = local.clone()
+        dist.all_reduce(total, group=ctx.group)  # one collective: both sums packed
+        sdy, sdyx = total[0], total[1]
+        scale = rstd if weight is None else rstd * weight.to(acc)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dyf * scale.view(shape)).to(x.dtype)
+            g_mean = -scale * sdy / ctx.n
+            g_var2 = -scale * rstd * sdyx / ctx.n
+
+            def fix(values: Tensor, rng: tuple[int, int] | None, dim: int) -> Tensor:
+                gm, gv, mu = g_mean, g_var2, mean
+                if rng is not None:
+                    gm, gv, mu = gm[rng[0] : rng[1]], gv[rng[0] : rng[1]], mu[rng[0] : rng[1]]
+                view = [1] * values.dim()
+                view[dim] = -1
+                out = gm.view(view) + gv.view(view) * (values.to(acc) - mu.view(view))
+                return out.to(dx.dtype)
+
+            ctx.access.add_fix(dx, x, fix)
+        dw = local[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = local[0].to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _merge(stats: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge of the gathered ``(world, 1 + 2C)`` rows ``(n_r, mean_r, M2_r)``."""
+    counts = stats[:, :1]  # (W, 1)
+    means, m2 = stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
+    n = counts.sum()
+    mu = (counts * means).sum(0) / n
+    var = (m2 + counts * (means - mu).square()).sum(0) / n
+    return mu, var, n
+
+
+def sync_sampled_batch_norm(
+    input: Tensor,  # noqa: A002 - F.batch_norm's name
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    *,
+    config: SamplingConfig | dict[str, Any] | str | None = None,
+    process_group: Any = None,
+) -> Tensor:
+    """``F.batch_norm`` whose training statistics pool every rank's sample (module docstring)."""
+    cfg = SamplingConfig.coerce(config)
+    if cfg.uses_virtual_rows:
+        raise ValueError(
+            f"method {cfg.method!r} is not supported across processes: virtual rows are a "
+            f"whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full' with SampledSyncBatchNorm"
+        )
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training or _group_size(process_group) == 1:
+        return local_sampled_batch_norm(*args, config=cfg)
+    if cfg.seed is not None:  # each rank its own reproducible stream
+        cfg = cfg.replace(seed=(cfg.seed + 7919 * dist.get_rank(process_group)) % 2**63)
+    plan = sample_plan(tuple(input.shape), cfg)
+    offsets = draw_offsets(plan, input.device, cfg.seed)
+    access = _SampleAccess(input, plan, offsets)
+    with torch.no_grad():
+        mean_r, var_r = sample_statistics(input.detach(), plan, offsets)
+        n_r = float(plan.count())
+        channels = input.shape[1]
+        row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
+        gathered = [torch.empty_like(row) for _ in range(_group_size(process_group))]
+        dist.all_gather(gathered, row, group=process_group)  # one collective
+        mean, var, n = _merge(torch.stack(gathered), channels)
+        n_total = float(n)
+    if n_total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel in the pooled sample set when training, "
+            f"got {n_total:g}"
+        )
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, n_total, momentum)
+    if plan.include_real and access.mode in ("rows", "flat"):
+        access.parts(input.detach())  # the gathered sample, for the backward's fix-up
+    return _SyncSampledBatchNorm.apply(
+        input, weight, bias, mean, var, n_total, eps, access, process_group
+    )
+
+
+class SampledSyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` (same parameters, buffers, ``state_dict`` and ``process_group``) whose
+    training statistics pool every rank's sample; runs on CPU (gloo) and CUDA (NCCL)."""
+
+    def __init__(self, num_features: int, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.config = SamplingConfig.coerce(config)
+        if self.config.uses_virtual_rows:
+            raise ValueError(
+                f"method {self.config.method!r} is not supported across processes: virtual rows "
+                f"are a whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full'"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        self._check_input_dim(input)
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / self.num_batches_tracked.to(torch.float32)
+        use_running = not self.training or self.track_running_stats
+        return sync_sampled_batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            self.training,
+            momentum,
+            self.eps,
+            config=self.config,
+            process_group=self.process_group,
+        )

@@ -1,0 +1,135 @@
+"""Sampled SyncBatchNorm across 2 gloo ranks (issue 13, first part): spawned processes on this
+machine, loopback only, bounded time. Fixed sampling against an independent single-process
+reference that pools the ranks' samples (tests/reference.py's fixed sample set of each shard);
+``method="full"`` against PyTorch's BN over the concatenated batch; uneven shards."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import dist_worker  # noqa: E402
+from reference import ref_sample  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not built"
+)
+
+
+def _spawn(case: dict, tmp_path: Path, world: int = 2, timeout: float = 120.0) -> list[dict]:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    )
+    init = tmp_path / "init"
+    ctx = mp.start_processes(
+        dist_worker.run,
+        args=(world, str(init), str(tmp_path), case),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks did not finish in {timeout:.0f} s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _reference(case: dict):
+    """Float64 BN over all ranks' inputs whose statistics pool each shard's fixed sample."""
+    sizes = case["sizes"]
+    x, dy, w, b = dist_worker.batch(sizes, case["channels"], tuple(case["spatial"]))
+    x = x.clone().requires_grad_(True)
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    cfg = case["config"]
+    shards = torch.split(x, sizes)
+    if cfg["method"] == "full":
+        y = F.batch_norm(x, torch.zeros(x.shape[1], dtype=x.dtype),
+                         torch.ones(x.shape[1], dtype=x.dtype), w, b, True, 0.1, 1e-5)  # fmt: skip
+        n = x.numel() // x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        mean, var = x.detach().mean(dims), x.detach().var(dims, unbiased=False)
+    else:
+        parts = [ref_sample(s, cfg["method"], cfg["ratio"]) for s in shards]
+        flat = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
+        n = flat.shape[1]
+        mean = flat.mean(1)
+        var = (flat - mean[:, None]).square().mean(1)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * w.view(shape)
+        y = y + b.view(shape)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    rm = 0.1 * mean.detach()
+    rv = 0.9 + 0.1 * var.detach() * n / (n - 1)
+    return y.detach(), grads, rm, rv
+
+
+CASES = {
+    "bs-even": {"sizes": [8, 8], "channels": 4, "spatial": [3, 3],
+                "config": {"method": "bs", "ratio": 0.5, "sampling": "fixed"}},
+    "fs-uneven": {"sizes": [6, 10], "channels": 3, "spatial": [8, 8],
+                  "config": {"method": "fs", "ratio": 0.25, "sampling": "fixed"}},
+    "full-uneven": {"sizes": [5, 11], "channels": 4, "spatial": [2, 3],
+                    "config": {"method": "full"}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_equal_the_pooled_reference(name, tmp_path):
+    case = CASES[name]
+    ranks = _spawn(case, tmp_path)
+    y, (dx, dw, db), rm, rv = _reference(case)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), dx)
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], dw)  # DDP sums (then averages)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], db)
+    for r in ranks:  # every rank holds the same running statistics, from the global n
+        torch.testing.assert_close(r["rm"], rm)
+        torch.testing.assert_close(r["rv"], rv)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_random_sampling_ranks_draw_their_own_positions(seeded, tmp_path):
+    """Random ``bs``: every rank draws its own offsets -- from torch's RNG (seeded differently per
+    rank by the user, as with DDP), or, with ``seed=`` in the config, from a stream of its own even
+    when both ranks' global RNG states are equal; the outputs stay finite and every rank holds the
+    same (global) running statistics."""
+    config = {"method": "bs", "ratio": 0.25, "min_count": 1}
+    case = {"sizes": [8, 8], "channels": 4, "spatial": [4, 4], "config": config}
+    if seeded:
+        case = {**case, "config": {**config, "seed": 5}, "rng_seed": 0}  # same global RNG state
+    ranks = _spawn(case, tmp_path)
+    offsets = [r["offsets"][0] for r in ranks]
+    assert offsets[0] is not None and not torch.equal(offsets[0], offsets[1])
+    for r in ranks:
+        assert torch.isfinite(r["y"]).all() and torch.isfinite(r["dx"]).all()
+    torch.testing.assert_close(ranks[0]["rm"], ranks[1]["rm"])
+
+
+def test_vdn_is_refused_with_a_clear_error():
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    with pytest.raises(ValueError, match="not supported across processes"):
+        SampledSyncBatchNorm(4, config="vdn")
+
+
+def test_without_a_process_group_it_is_the_local_sampled_bn():
+    from bnrewrite import sampled_batch_norm
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    bn = SampledSyncBatchNorm(4, config={"method": "bs", "ratio": 0.5, "sampling": "fixed"})
+    x = torch.randn(8, 4, 3, 3)
+    want = sampled_batch_norm(x, torch.zeros(4), torch.ones(4), bn.weight, bn.bias, True, 0.1,
+                              1e-5, config=bn.config)  # fmt: skip
+    torch.testing.assert_close(bn(x), want)
