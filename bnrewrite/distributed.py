@@ -36,7 +36,7 @@ from .eager import sampled_batch_norm as local_sampled_batch_norm
 from .estimators import draw_offsets, sample_statistics, update_running_stats
 from .plan import sample_plan
 
-__all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm"]
+__all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm", "sync_twin"]
 
 
 def _group_size(group: Any) -> int:
@@ -106,6 +106,18 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+def _check_channels(channels: int, device: torch.device, group: Any) -> None:
+    mine = torch.tensor([channels], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(mine) for _ in range(_group_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    seen = [int(c) for c in counts]
+    if len(set(seen)) > 1:
+        raise ValueError(
+            f"SampledSyncBatchNorm: the ranks of the process group disagree on the number of "
+            f"channels ({seen} by rank); every rank must run the same model"
+        )
+
+
 def _merge(stats: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """Chan's merge of the gathered ``(world, 1 + 2C)`` rows ``(n_r, mean_r, M2_r)``."""
     counts = stats[:, :1]  # (W, 1)
@@ -128,8 +140,13 @@ def sync_sampled_batch_norm(
     *,
     config: SamplingConfig | dict[str, Any] | str | None = None,
     process_group: Any = None,
+    check_channels: bool = True,
 ) -> Tensor:
-    """``F.batch_norm`` whose training statistics pool every rank's sample (module docstring)."""
+    """``F.batch_norm`` whose training statistics pool every rank's sample (module docstring).
+
+    ``check_channels``: first gather every rank's channel count (one small extra collective) so
+    that a mismatch is a ``ValueError`` on every rank instead of an abort inside the collective
+    library; :class:`SampledSyncBatchNorm` does it on its first training call only."""
     cfg = SamplingConfig.coerce(config)
     if cfg.uses_virtual_rows:
         raise ValueError(
@@ -141,6 +158,8 @@ def sync_sampled_batch_norm(
         return local_sampled_batch_norm(*args, config=cfg)
     if cfg.seed is not None:  # each rank its own reproducible stream
         cfg = cfg.replace(seed=(cfg.seed + 7919 * dist.get_rank(process_group)) % 2**63)
+    if check_channels:
+        _check_channels(int(input.shape[1]), input.device, process_group)
     plan = sample_plan(tuple(input.shape), cfg)
     offsets = draw_offsets(plan, input.device, cfg.seed)
     access = _SampleAccess(input, plan, offsets)
@@ -188,7 +207,7 @@ class SampledSyncBatchNorm(nn.SyncBatchNorm):
             if self.momentum is None:
                 momentum = 1.0 / self.num_batches_tracked.to(torch.float32)
         use_running = not self.training or self.track_running_stats
-        return sync_sampled_batch_norm(
+        out = sync_sampled_batch_norm(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -199,4 +218,28 @@ class SampledSyncBatchNorm(nn.SyncBatchNorm):
             self.eps,
             config=self.config,
             process_group=self.process_group,
+            check_channels=self.training and not self.__dict__.get("_channels_checked", False),
         )
+        if self.training and _group_size(self.process_group) > 1:
+            self.__dict__["_channels_checked"] = True
+        return out
+
+
+def sync_twin(bn: nn.SyncBatchNorm, config: Any) -> SampledSyncBatchNorm:
+    """A :class:`SampledSyncBatchNorm` that shares ``bn``'s parameters, buffers and process group
+    (no copies), for :func:`bnrewrite.convert_`."""
+    cfg = SamplingConfig.coerce(config)
+    if cfg.uses_virtual_rows:
+        raise ValueError(
+            f"method {cfg.method!r} is not supported across processes: virtual rows are a "
+            f"whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full'"
+        )
+    new = SampledSyncBatchNorm.__new__(SampledSyncBatchNorm)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in bn.__dict__.items() if not k.startswith("_")})
+    new._parameters = dict(bn._parameters)
+    new._buffers = dict(bn._buffers)
+    new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+    new.training = bn.training
+    new.config = cfg
+    return new

@@ -191,8 +191,9 @@ def convert_(
     """Swap every ``nn.BatchNorm1d/2d/3d`` of ``model`` for its sampled twin, in place.
 
     Parameters and buffers are shared, so optimisers built before the call keep working and the
-    ``state_dict`` is unchanged. ``nn.SyncBatchNorm`` is left alone (its cross-process statistics
-    are not sampled) and logged. ``overrides``: ``{module path or fnmatch pattern: config or
+    ``state_dict`` is unchanged. ``nn.SyncBatchNorm`` becomes
+    :class:`bnrewrite.distributed.SampledSyncBatchNorm` (every rank's sample pooled across its
+    process group; the same process group). ``overrides``: ``{module path or fnmatch pattern: config or
     None}`` (``None`` keeps that layer's BatchNorm), as for :func:`bnrewrite.rewrite`; an
     automatic budget's ``Budget.overrides`` or :func:`bnrewrite.budget.load_overrides`. Returns
     ``model``.
@@ -202,14 +203,21 @@ def convert_(
     for value in (overrides or {}).values():
         if value is not None:
             refuse_virtual_rows(SamplingConfig.coerce(value), "convert_")
-    converted = 0
+    converted = synced = 0
     for name, child in list(model.named_modules()):
         for attr, sub in list(child._modules.items()):
             if sub is None:
                 continue
             qual = f"{name}.{attr}" if name else attr
             if isinstance(sub, nn.SyncBatchNorm):
-                log.info("convert_: skipped %s (SyncBatchNorm is not converted)", qual)
+                chosen = select_config(qual, cfg, None, None, overrides)
+                if chosen is None:
+                    log.info("convert_: kept %s (overrides: None)", qual)
+                    continue
+                from .distributed import sync_twin
+
+                child._modules[attr] = sync_twin(sub, chosen)
+                synced += 1
                 continue
             if type(sub) in _SAMPLED or type(sub) in _SAMPLED.values():
                 chosen = select_config(qual, cfg, None, None, overrides)
@@ -218,5 +226,10 @@ def convert_(
                     continue
                 child._modules[attr] = from_batch_norm(sub, chosen)
                 converted += 1
-    log.info("convert_: %d BatchNorm layer(s) converted to method %r", converted, cfg.method)
+    log.info(
+        "convert_: %d BatchNorm layer(s) converted to method %r, %d SyncBatchNorm synchronised",
+        converted + synced,
+        cfg.method,
+        synced,
+    )
     return model

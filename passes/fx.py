@@ -189,6 +189,8 @@ class RewriteReport:
     #: (name, values before, values after) for each BN whose sample the floor raised (where the
     #: graph knows the input's shape: Dynamo, export, make_fx graphs; else at run time only)
     raised: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
+    #: names of the ``nn.SyncBatchNorm`` layers rewritten: their samples are pooled across ranks
+    synchronised: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -212,6 +214,7 @@ class RewriteReport:
             f"  {name}: the floor raised the sample from {a} to {b} values per channel"
             for name, a, b in self.raised
         ]
+        lines += [f"  {name}: synchronised across its process group" for name in self.synchronised]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -305,10 +308,12 @@ def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
             return None
         name = str(node.target)
         site = BatchNormSite(node, "module", name, {})
-        if isinstance(mod, SampledBatchNormMixin):
+        if isinstance(mod, SampledBatchNormMixin) or (
+            isinstance(mod, nn.SyncBatchNorm) and hasattr(mod, "config")
+        ):
             site.reason = "already rewritten"
         elif isinstance(mod, nn.SyncBatchNorm):
-            site.reason = "unsupported form: SyncBatchNorm (cross-process statistics)"
+            site.reason = "eval mode" if not mod.training else None  # -> SampledSyncBatchNorm
         elif type(mod) not in _BN_MODULES:
             site.reason = f"unsupported form: {type(mod).__name__}"
         elif not mod.training:
@@ -432,6 +437,11 @@ def rewrite_node(
     if site.form == "module":
         assert gm is not None
         bn = gm.get_submodule(str(node.target))
+        if isinstance(bn, nn.SyncBatchNorm):  # pooled across its process group
+            from bnrewrite.distributed import sync_twin
+
+            _set_module(gm, str(node.target), sync_twin(bn, config))
+            return None
         module = from_batch_norm(bn, config)
         if lowering == "kernels":
             from bnrewrite.kernels.modules import fused_twin
@@ -579,6 +589,10 @@ def rewrite_graph(
             report.skipped.append((site.name, "filtered by name"))
             continue
         follow = site.node.name in follows if isinstance(follows, AbstractSet) else bool(follows)
+        if site.form == "module" and isinstance(
+            gm.get_submodule(str(site.node.target)), nn.SyncBatchNorm
+        ):
+            report.synchronised.append(site.name)
         new = rewrite_node(gm, site, chosen, follow_module_training=follow, lowering=lowering)
         names[new.name if new is not None else str(site.node.target)] = site.name
         report.rewritten.append((site.name, chosen.method))

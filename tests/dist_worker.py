@@ -44,12 +44,30 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        if case.get("mismatch"):  # rank r has channels + r: a clear error on every rank
+            c = case["channels"] + rank
+            try:
+                SampledSyncBatchNorm(c, config=case["config"])(torch.randn(4, c, 2, 2))
+                error = None
+            except ValueError as e:
+                error = str(e)
+            torch.save({"error": error}, f"{out}/rank{rank}.pt")
+            return
         sizes = case["sizes"]
         x, dy, w, b = batch(sizes, case["channels"], tuple(case["spatial"]))
         start = sum(sizes[:rank])
         xs = x[start : start + sizes[rank]].clone().requires_grad_(True)
         dys = dy[start : start + sizes[rank]]
-        bn = SampledSyncBatchNorm(case["channels"], config=case["config"]).double()
+        if case.get("convert"):  # nn.SyncBatchNorm through bnrewrite.convert_
+            from torch import nn
+
+            from bnrewrite import convert_
+
+            holder = convert_(nn.Sequential(nn.SyncBatchNorm(case["channels"])), case["config"])
+            bn = holder[0].double()
+            assert isinstance(bn, SampledSyncBatchNorm)
+        else:
+            bn = SampledSyncBatchNorm(case["channels"], config=case["config"]).double()
         with torch.no_grad():
             bn.weight.copy_(w)
             bn.bias.copy_(b)

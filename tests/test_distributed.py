@@ -82,6 +82,8 @@ CASES = {
                   "config": {"method": "fs", "ratio": 0.25, "sampling": "fixed"}},
     "full-uneven": {"sizes": [5, 11], "channels": 4, "spatial": [2, 3],
                     "config": {"method": "full"}},
+    "bs-convert": {"sizes": [8, 8], "channels": 4, "spatial": [3, 3], "convert": True,
+                   "config": {"method": "bs", "ratio": 0.5, "sampling": "fixed"}},
 }  # fmt: skip
 
 
@@ -115,6 +117,13 @@ def test_random_sampling_ranks_draw_their_own_positions(seeded, tmp_path):
     for r in ranks:
         assert torch.isfinite(r["y"]).all() and torch.isfinite(r["dx"]).all()
     torch.testing.assert_close(ranks[0]["rm"], ranks[1]["rm"])
+
+
+def test_mismatched_channels_across_ranks_is_a_clear_error_on_every_rank(tmp_path):
+    case = {"mismatch": True, "channels": 4, "config": {"method": "bs", "ratio": 0.5}}
+    ranks = _spawn(case, tmp_path, timeout=60)
+    for r in ranks:
+        assert r["error"] and "disagree on the number of channels ([4, 5] by rank)" in r["error"]
 
 
 def test_vdn_is_refused_with_a_clear_error():

@@ -279,10 +279,23 @@ def test_include_exclude_overrides_and_log(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_unsupported_forms_declined() -> None:
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4), nn.BatchNorm2d(4))
     gm, report = bnrewrite.rewrite(model, FIXED["bs"], return_report=True)
-    assert report.count == 1
-    assert report.skipped[0][0] == "1" and "SyncBatchNorm" in report.skipped[0][1]
+    assert report.count == 2 and report.synchronised == ["1"]  # SyncBatchNorm: pooled across ranks
+    assert (
+        type(gm.get_submodule("1")) is SampledSyncBatchNorm and type(model[1]) is nn.SyncBatchNorm
+    )
+    assert "synchronised across its process group" in str(report)
+    # no process group: the local sampled BN, i.e. what the same rewrite gives a plain BatchNorm2d
+    plain = copy.deepcopy(model)
+    plain[1] = nn.BatchNorm2d(4)
+    plain[1].load_state_dict(model[1].state_dict())
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(gm(x), bnrewrite.rewrite(plain, FIXED["bs"])(x))
+    with pytest.raises(ValueError, match="not supported across processes"):
+        bnrewrite.rewrite(model, "vdn")
     with pytest.raises(ValueError, match="apply to method 'vdn'"):
         bnrewrite.rewrite(model, FIXED["bs"], batch_inputs=["x"])
     with pytest.raises(ValueError, match="nn.Module"):

@@ -109,13 +109,16 @@ def test_convert_in_place_shares_parameters_and_keeps_results():
         torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_convert_with_sampling_trains_and_leaves_sync_bn(caplog):
+def test_convert_with_sampling_trains_and_synchronises_sync_bn(caplog):
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.SyncBatchNorm(4))
+    sync_weight = model[2].weight
     with caplog.at_level("INFO", logger="bnrewrite"):
         convert_(model, {"method": "bs", "ratio": 0.5})
     assert isinstance(model[1], SampledBatchNorm2d)
-    assert type(model[2]) is nn.SyncBatchNorm
-    assert "skipped 2" in caplog.text and "1 BatchNorm layer(s) converted" in caplog.text
+    assert type(model[2]) is SampledSyncBatchNorm and model[2].weight is sync_weight
+    assert "2 BatchNorm layer(s) converted" in caplog.text and "1 SyncBatchNorm" in caplog.text
     model[1](torch.randn(8, 4, 3, 3))
     assert int(model[1].num_batches_tracked) == 1
 
