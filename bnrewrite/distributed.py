@@ -186,18 +186,39 @@ def sync_sampled_batch_norm(
     )
 
 
-class SampledSyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` (same parameters, buffers, ``state_dict`` and ``process_group``) whose
-    training statistics pool every rank's sample; runs on CPU (gloo) and CUDA (NCCL)."""
+class SampledSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The sampled twin of ``nn.SyncBatchNorm``: the same arguments (``process_group`` included),
+    parameters, buffers and ``state_dict``; training statistics pool every rank's sample. Not a
+    subclass of ``nn.SyncBatchNorm``, whose DDP handling refuses CPU modules: this one trains
+    under DDP with gloo on CPU as well as with NCCL."""
 
-    def __init__(self, num_features: int, *args: Any, config: Any = None, **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        config: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
         self.config = SamplingConfig.coerce(config)
         if self.config.uses_virtual_rows:
             raise ValueError(
                 f"method {self.config.method!r} is not supported across processes: virtual rows "
                 f"are a whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full'"
             )
+
+    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002
         self._check_input_dim(input)

@@ -308,9 +308,7 @@ def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
             return None
         name = str(node.target)
         site = BatchNormSite(node, "module", name, {})
-        if isinstance(mod, SampledBatchNormMixin) or (
-            isinstance(mod, nn.SyncBatchNorm) and hasattr(mod, "config")
-        ):
+        if isinstance(mod, SampledBatchNormMixin) or type(mod).__name__ == "SampledSyncBatchNorm":
             site.reason = "already rewritten"
         elif isinstance(mod, nn.SyncBatchNorm):
             site.reason = "eval mode" if not mod.training else None  # -> SampledSyncBatchNorm

@@ -22,6 +22,44 @@ def batch(sizes: list[int], channels: int, spatial: tuple[int, ...]):
     return x, dy, w, b
 
 
+def ddp_model():
+    """Conv -> SyncBatchNorm -> ReLU -> Linear, float64, the same initial weights everywhere."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 3),
+    ).double()  # fmt: skip
+
+
+def ddp_data(sizes: list[int], steps: int):
+    g = torch.Generator().manual_seed(1)
+    n = sum(sizes)
+    xs = [torch.randn((n, 3, 4, 4), generator=g, dtype=torch.float64) for _ in range(steps)]
+    ws = [torch.randn((n, 3), generator=g, dtype=torch.float64) for _ in range(steps)]
+    return xs, ws
+
+
+def run_ddp(rank: int, case: dict, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bnrewrite import convert_
+
+    model = convert_(ddp_model(), case["config"])
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    sizes = case["sizes"]
+    start = sum(sizes[:rank])
+    xs, ws = ddp_data(sizes, case["steps"])
+    for x, w in zip(xs, ws):
+        opt.zero_grad()
+        y = ddp(x[start : start + sizes[rank]])
+        (y * w[start : start + sizes[rank]]).sum().backward()  # DDP averages over ranks
+        opt.step()
+    torch.save({"state": model.state_dict()}, f"{out}/rank{rank}.pt")
+
+
 def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
     import bnrewrite.distributed as bd
     from bnrewrite.distributed import SampledSyncBatchNorm
@@ -44,6 +82,9 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        if case.get("ddp"):
+            run_ddp(rank, case, out)
+            return
         if case.get("mismatch"):  # rank r has channels + r: a clear error on every rank
             c = case["channels"] + rank
             try:

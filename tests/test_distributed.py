@@ -119,6 +119,54 @@ def test_random_sampling_ranks_draw_their_own_positions(seeded, tmp_path):
     torch.testing.assert_close(ranks[0]["rm"], ranks[1]["rm"])
 
 
+class PooledBN(torch.nn.Module):
+    """Reference BN: statistics from the first ``k`` rows of each shard (fixed ``bs``), pooled."""
+
+    def __init__(self, bn, sizes, ratio):
+        super().__init__()
+        self.bn, self.sizes, self.ratio = bn, sizes, ratio
+
+    def forward(self, x):
+        parts = [ref_sample(s, "bs", self.ratio) for s in torch.split(x, self.sizes)]
+        flat = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], 1)
+        mean, var = flat.mean(1), flat.var(1, unbiased=False)
+        n = flat.shape[1]
+        with torch.no_grad():
+            self.bn.running_mean.mul_(0.9).add_(0.1 * mean)
+            self.bn.running_var.mul_(0.9).add_(0.1 * var * n / (n - 1))
+            self.bn.num_batches_tracked.add_(1)
+        shape = [1, -1, 1, 1]
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.bn.eps)
+        return y * self.bn.weight.view(shape) + self.bn.bias.view(shape)
+
+
+def test_ddp_on_cpu_trains_like_one_process_with_pooled_samples(tmp_path):
+    """DDP (gloo, CPU) over a model whose nn.SyncBatchNorm went through ``convert_`` -- which
+    PyTorch's own SyncBatchNorm cannot do on CPU: three SGD steps on uneven shards give, on every
+    rank, the parameters and buffers of a single process whose BN pools the shards' samples and
+    whose loss is the mean of the ranks' losses (DDP averages gradients)."""
+    case = {"ddp": True, "sizes": [6, 10], "steps": 3,
+            "config": {"method": "bs", "ratio": 0.5, "sampling": "fixed"}}  # fmt: skip
+    ranks = _spawn(case, tmp_path)
+    ref = dist_worker.ddp_model()
+    ref[1] = PooledBN(torch.nn.BatchNorm2d(8).double(), case["sizes"], 0.5)
+    ref[1].bn.load_state_dict(dist_worker.ddp_model()[1].state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    xs, ws = dist_worker.ddp_data(case["sizes"], case["steps"])
+    for x, w in zip(xs, ws):
+        opt.zero_grad()
+        out = ref(x)
+        losses = [(o * wi).sum() for o, wi in zip(torch.split(out, case["sizes"]),
+                                                   torch.split(w, case["sizes"]))]  # fmt: skip
+        (sum(losses) / len(losses)).backward()
+        opt.step()
+    want = {k.replace("1.bn.", "1."): v for k, v in ref.state_dict().items()}
+    for r in ranks:
+        assert set(r["state"]) == set(want)
+        for k, v in want.items():
+            torch.testing.assert_close(r["state"][k], v, msg=k)
+
+
 def test_mismatched_channels_across_ranks_is_a_clear_error_on_every_rank(tmp_path):
     case = {"mismatch": True, "channels": 4, "config": {"method": "bs", "ratio": 0.5}}
     ranks = _spawn(case, tmp_path, timeout=60)
