@@ -88,10 +88,11 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("name,shape,variant", VARIANTS, ids=[f"{n}-{v}" for n, _, v in VARIANTS])
-@pytest.mark.parametrize("method,ratio", METHODS[:4])
+@pytest.mark.parametrize("method,ratio", [*METHODS[:4], ("vdn", 1.0), ("fs_vdn", 1 / 4)])
 def test_random_sampling_equals_the_estimator(name, shape, variant, method, ratio):
     """The same offsets (the same RNG state, or the same seeded generator): the eager lowering's
-    outputs, gradients and running statistics equal the composite estimator's."""
+    outputs, gradients and running statistics equal the composite estimator's. ``vdn``/``fs_vdn``:
+    the input's last ``vdn_samples`` rows are the virtual rows (what the VDN pass feeds the op)."""
     dtype = torch.bfloat16 if variant == "bf16" else torch.float64
     seed = 11 if variant == "seeded" else None
     cfg = SamplingConfig(method, ratio=ratio, seed=seed)
