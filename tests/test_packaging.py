@@ -69,7 +69,7 @@ def test_wheel_maps_passes_into_the_package(tmp_path):
     python = env / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-         str(wheel)],
+         "--ignore-installed", str(wheel)],
         check=True,
         capture_output=True,
     )  # fmt: skip
@@ -81,6 +81,9 @@ def test_wheel_maps_passes_into_the_package(tmp_path):
             text=True,
         ).stdout.strip()
     )
+    # pip runs from this environment, where an editable bnrewrite of the same version is
+    # installed: --ignore-installed, or pip may call the wheel "already satisfied" and skip it
+    assert (site / "bnrewrite" / "__init__.py").is_file(), "the wheel was not installed"
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     out = subprocess.run(
         [str(python), "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
