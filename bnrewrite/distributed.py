@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._twin import twin_of
 from .config import SamplingConfig
-from .eager import _SampleAccess
+from .eager import _SampleAccess, fix_up
 from .eager import sampled_batch_norm as local_sampled_batch_norm
 from .estimators import draw_offsets, sample_statistics, update_running_stats
 from .plan import sample_plan
@@ -86,18 +87,7 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (dyf * scale.view(shape)).to(x.dtype)
-            g_mean = -scale * sdy / ctx.n
-            g_var2 = -scale * rstd * sdyx / ctx.n
-
-            def fix(values: Tensor, rng: tuple[int, int] | None, dim: int) -> Tensor:
-                gm, gv, mu = g_mean, g_var2, mean
-                if rng is not None:
-                    gm, gv, mu = gm[rng[0] : rng[1]], gv[rng[0] : rng[1]], mu[rng[0] : rng[1]]
-                view = [1] * values.dim()
-                view[dim] = -1
-                out = gm.view(view) + gv.view(view) * (values.to(acc) - mu.view(view))
-                return out.to(dx.dtype)
-
+            fix = fix_up(-scale * sdy / ctx.n, -scale * rstd * sdyx / ctx.n, mean, dx.dtype)
             ctx.access.add_fix(dx, x, fix)
         dw = local[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = None
@@ -255,12 +245,6 @@ def sync_twin(bn: nn.SyncBatchNorm, config: Any) -> SampledSyncBatchNorm:
             f"method {cfg.method!r} is not supported across processes: virtual rows are a "
             f"whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full'"
         )
-    new = SampledSyncBatchNorm.__new__(SampledSyncBatchNorm)
-    nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in bn.__dict__.items() if not k.startswith("_")})
-    new._parameters = dict(bn._parameters)
-    new._buffers = dict(bn._buffers)
-    new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
-    new.training = bn.training
+    new = twin_of(bn, SampledSyncBatchNorm)
     new.config = cfg
     return new

@@ -55,6 +55,7 @@ from .plan import SamplePlan, sample_plan
 
 __all__ = [
     "EAGER_MIN_NUMEL",
+    "fix_up",
     "eager_applicable",
     "eager_sampled_batch_norm",
     "sample_index",
@@ -288,6 +289,23 @@ class _SampleAccess:
             dx[rows].add_(fix(x[rows], None, 1))
 
 
+def fix_up(g_mean: Tensor, g_var2: Tensor, mean: Tensor, dtype: torch.dtype) -> Any:
+    """The fix-up of the sampled elements as a function of their values: ``fix(values, channel
+    range or None, channel dim) = g_mean + g_var2 * (values - mean)`` per channel, in ``dtype``
+    (``g_mean = dL/dmu / n``, ``g_var2 = 2 dL/dvar / n``)."""
+
+    def fix(values: Tensor, rng: tuple[int, int] | None, dim: int) -> Tensor:
+        gm, gv, mu = g_mean, g_var2, mean
+        if rng is not None:
+            gm, gv, mu = gm[rng[0] : rng[1]], gv[rng[0] : rng[1]], mu[rng[0] : rng[1]]
+        shape = [1] * values.dim()
+        shape[dim] = -1
+        out = gm.view(shape) + gv.view(shape) * (values.to(mean.dtype) - mu.view(shape))
+        return out.to(dtype)
+
+    return fix
+
+
 class _EagerSampledBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -327,18 +345,7 @@ class _EagerSampledBatchNorm(torch.autograd.Function):
             dx = torch.empty_like(x)  # x's memory format
             torch.mul(dy, scale.to(dy.dtype).view(bshape), out=dx)
             n = access.plan.count()
-            g_mean = -scale * sdy / n
-            g_var2 = -scale * rstd * sdyx / n  # 2 * dL/dvar / n
-
-            def fix(values: Tensor, rng: tuple[int, int] | None, dim: int) -> Tensor:
-                gm, gv, mu = g_mean, g_var2, mean
-                if rng is not None:
-                    gm, gv, mu = gm[rng[0] : rng[1]], gv[rng[0] : rng[1]], mu[rng[0] : rng[1]]
-                shape = [1] * values.dim()
-                shape[dim] = -1
-                out = gm.view(shape) + gv.view(shape) * (values.to(acc) - mu.view(shape))
-                return out.to(dx.dtype)
-
+            fix = fix_up(-scale * sdy / n, -scale * rstd * sdyx / n, mean, dx.dtype)
             access.add_fix(dx, x, fix)
         dw = sdyx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._twin import twin_of
 from .config import SamplingConfig, select_config
 from .eager import sampled_batch_norm  # native kernels in eager mode, the estimator when traced
 
@@ -118,13 +119,7 @@ def from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, config: Any) -> nn.Modu
     cls = next((s for b, s in _SAMPLED.items() if type(bn) is b or type(bn) is s), None)
     if cls is None:
         raise ValueError(f"cannot convert {type(bn).__name__}; expected nn.BatchNorm1d/2d/3d")
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in bn.__dict__.items() if not k.startswith("_")})
-    new._parameters = dict(bn._parameters)
-    new._buffers = dict(bn._buffers)
-    new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
-    new.training = bn.training
+    new = twin_of(bn, cls)
     _init(new, config)
     return new
 
