@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from ._twin import twin_of
 from .config import SamplingConfig
-from .eager import _SampleAccess, fix_up
+from .eager import _SampleAccess, channel_sums, fix_up
 from .eager import sampled_batch_norm as local_sampled_batch_norm
-from .estimators import draw_offsets, sample_statistics, update_running_stats
+from .estimators import draw_offsets, normalize, update_running_stats
 from .plan import sample_plan
 
 __all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm", "sync_twin"]
@@ -60,33 +60,25 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
         access: _SampleAccess,
         group: Any,
     ) -> Tensor:
-        acc = mean.dtype
-        rstd = torch.rsqrt(var + eps)
-        scale = rstd if weight is None else rstd * weight.to(acc)
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (x.to(acc) * scale.view(shape) + shift.view(shape)).to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.n, ctx.access, ctx.group = n, access, group
+        y = normalize(x, mean, var, weight, bias, eps)  # the estimator's normalisation
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.n, ctx.access, ctx.group, ctx.eps = n, access, group, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         acc = mean.dtype
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        dims = [0, *range(2, x.dim())]
-        dyf = dy.to(acc)
-        xh = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
-        local = torch.stack([dyf.sum(dims), (dyf * xh).sum(dims)])  # (2, C)
+        local = channel_sums(dy, x, mean, var, ctx.eps)  # (2, C): Σdy, Σdy·x̂ on this rank
         total = local.clone()
         dist.all_reduce(total, group=ctx.group)  # one collective: both sums packed
         sdy, sdyx = total[0], total[1]
+        rstd = torch.rsqrt(var + ctx.eps)
         scale = rstd if weight is None else rstd * weight.to(acc)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dyf * scale.view(shape)).to(x.dtype)
+            dx = (dy.to(acc) * scale.view([1, -1] + [1] * (x.dim() - 2))).to(x.dtype)
             fix = fix_up(-scale * sdy / ctx.n, -scale * rstd * sdyx / ctx.n, mean, dx.dtype)
             ctx.access.add_fix(dx, x, fix)
         dw = local[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
@@ -154,7 +146,7 @@ def sync_sampled_batch_norm(
     offsets = draw_offsets(plan, input.device, cfg.seed)
     access = _SampleAccess(input, plan, offsets)
     with torch.no_grad():
-        mean_r, var_r = sample_statistics(input.detach(), plan, offsets)
+        mean_r, var_r = access.statistics(input, eps)  # keeps the sample for the fix-up
         n_r = float(plan.count())
         channels = input.shape[1]
         row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
@@ -169,8 +161,6 @@ def sync_sampled_batch_norm(
         )
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n_total, momentum)
-    if plan.include_real and access.mode in ("rows", "flat"):
-        access.parts(input.detach())  # the gathered sample, for the backward's fix-up
     return _SyncSampledBatchNorm.apply(
         input, weight, bias, mean, var, n_total, eps, access, process_group
     )

@@ -55,6 +55,7 @@ from .plan import SamplePlan, sample_plan
 
 __all__ = [
     "EAGER_MIN_NUMEL",
+    "channel_sums",
     "fix_up",
     "eager_applicable",
     "eager_sampled_batch_norm",
@@ -263,6 +264,14 @@ class _SampleAccess:
         c = plan.channels
         return [(None, torch.cat([p.transpose(0, 1).reshape(c, -1) for p in pieces], 1)[None])]
 
+    def statistics(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """Biased mean and variance per channel over the sample set, by the native statistics
+        kernel on each gathered piece (keeps the gathered sample for :meth:`add_fix`)."""
+        stats = [_native_stats(sample, eps) for _, sample in self.parts(x.detach())]
+        if len(stats) == 1:
+            return stats[0]
+        return torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats])
+
     def add_fix(self, dx: Tensor, x: Tensor, fix: Any) -> None:
         """``dx_a += fix(x_a)`` on every sampled element; ``fix(values, channel range, dim)``
         gives the per-channel affine fix-up of ``values`` whose channel dim is ``dim``."""
@@ -287,6 +296,15 @@ class _SampleAccess:
         if self.virtual:
             rows = slice(plan.real_rows, plan.real_rows + plan.virtual_rows)
             dx[rows].add_(fix(x[rows], None, 1))
+
+
+def channel_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``(Σdy, Σdy·x̂)`` per channel over every element, ``(2, C)`` in ``mean``'s dtype: one native
+    reduction pass (the inference-mode ``native_batch_norm_backward`` asked for the two sums)."""
+    _, sdyx, sdy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, None, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return torch.stack([sdy, sdyx]).to(mean.dtype)
 
 
 def fix_up(g_mean: Tensor, g_var2: Tensor, mean: Tensor, dtype: torch.dtype) -> Any:
@@ -332,11 +350,7 @@ class _EagerSampledBatchNorm(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         access: _SampleAccess = ctx.access
         acc = mean.dtype
-        # the two per-channel sums over every element, in one native pass (inference backward)
-        _, sdyx, sdy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, None, mean, var, None, None, False, ctx.eps, [False, True, True]
-        )
-        sdyx, sdy = sdyx.to(acc), sdy.to(acc)
+        sdy, sdyx = channel_sums(dy, x, mean, var, ctx.eps)
         rstd = torch.rsqrt(var + ctx.eps)
         scale = rstd if weight is None else rstd * weight.to(acc)
         dx = None
@@ -384,11 +398,7 @@ def eager_sampled_batch_norm(
     offsets = draw_offsets(plan, input.device, cfg.seed)
     access = _SampleAccess(input, plan, offsets)
     with torch.no_grad():
-        stats = [_native_stats(sample, eps) for _, sample in access.parts(input.detach())]
-        if len(stats) == 1:
-            mean, var = stats[0]
-        else:
-            mean, var = torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats])
+        mean, var = access.statistics(input, eps)
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return _EagerSampledBatchNorm.apply(input, weight, bias, mean, var, eps, access)

@@ -204,21 +204,19 @@ def convert_(
             if sub is None:
                 continue
             qual = f"{name}.{attr}" if name else attr
-            if isinstance(sub, nn.SyncBatchNorm):
-                chosen = select_config(qual, cfg, None, None, overrides)
-                if chosen is None:
-                    log.info("convert_: kept %s (overrides: None)", qual)
-                    continue
+            sync = isinstance(sub, nn.SyncBatchNorm)
+            if not sync and type(sub) not in _SAMPLED and type(sub) not in _SAMPLED.values():
+                continue
+            chosen = select_config(qual, cfg, None, None, overrides)
+            if chosen is None:
+                log.info("convert_: kept %s (overrides: None)", qual)
+                continue
+            if sync:  # pooled across its process group
                 from .distributed import sync_twin
 
                 child._modules[attr] = sync_twin(sub, chosen)
                 synced += 1
-                continue
-            if type(sub) in _SAMPLED or type(sub) in _SAMPLED.values():
-                chosen = select_config(qual, cfg, None, None, overrides)
-                if chosen is None:
-                    log.info("convert_: kept %s (overrides: None)", qual)
-                    continue
+            else:
                 child._modules[attr] = from_batch_norm(sub, chosen)
                 converted += 1
     log.info(
