@@ -20,10 +20,28 @@ rank from its own RNG), ``n_r = |A_r|`` values per channel:
 Two collectives per layer and step, as ``nn.SyncBatchNorm``. With no process group initialised,
 or one rank, it is the local sampled BN. ``method="full"`` is an exact SyncBatchNorm that also
 runs on CPU (gloo). ``vdn``/``fs_vdn`` are refused: virtual rows are a whole-graph rewrite.
+
+Two lowerings of the same forward. Eager (plain tensors): the statistics by the native kernels on
+the gathered sample, c10d ``all_gather``, and the ``autograd.Function`` above (backward: one
+``all_reduce`` + the fix-up). Traced (``torch.compile``, ``make_fx``): the estimator's
+:func:`~bnrewrite.estimators.sample_statistics`, one *functional* ``all_gather`` (a
+``_c10d_functional`` op that Dynamo, AOTAutograd and Inductor keep in the graph; its registered
+backward is one ``reduce_scatter``, which sums every rank's gradient of its row -- the same two
+sums), the merge and :func:`~bnrewrite.estimators.normalize`; autograd differentiates it, so
+the compiled gradient is the exact gradient of the same forward. Under ``torch.compile`` the
+channel-count check is not traced (it would add a collective to every step; DDP compares the
+parameter shapes of all ranks when it wraps the model) and seeded configs draw from torch's
+global RNG (seed every rank yourself, as for any random op under ``torch.compile``).
+
+Errors instead of silently local statistics: a ``process_group`` given while
+``torch.distributed`` is not initialised (never, or after ``destroy_process_group``), a rank
+outside the layer's group, and ``WORLD_SIZE > 1`` in the environment (``torchrun``) without
+``init_process_group``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -32,18 +50,45 @@ from torch import Tensor, nn
 
 from ._twin import twin_of
 from .config import SamplingConfig
-from .eager import _SampleAccess, channel_sums, fix_up
+from .eager import _SampleAccess, _tracing, channel_sums, fix_up
 from .eager import sampled_batch_norm as local_sampled_batch_norm
-from .estimators import draw_offsets, normalize, update_running_stats
+from .estimators import draw_offsets, normalize, sample_statistics, update_running_stats
 from .plan import sample_plan
 
 __all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm", "sync_twin"]
 
 
 def _group_size(group: Any) -> int:
+    """The number of ranks of ``group`` (``None``: the default group); 1 without a process group.
+
+    ``ValueError`` where local statistics would silently replace the pooled ones: a ``group``
+    given while ``torch.distributed`` is not initialised, ``WORLD_SIZE > 1`` in the environment
+    without ``init_process_group``, or a rank that is not a member of ``group``."""
     if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(
+                "SampledSyncBatchNorm: its process_group is not initialised (torch.distributed "
+                "has no default group: init_process_group was not called, or "
+                "destroy_process_group was); initialise it before training, or set "
+                "process_group=None for one process"
+            )
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:
+            raise ValueError(
+                f"SampledSyncBatchNorm: WORLD_SIZE={world} in the environment (a launcher such "
+                f"as torchrun started {world} processes) but torch.distributed is not "
+                f"initialised; call torch.distributed.init_process_group() before the first "
+                f"training step (unset WORLD_SIZE to train one process on its own)"
+            )
         return 1
-    return dist.get_world_size(group)
+    size = dist.get_world_size(group)
+    if size < 1:
+        raise ValueError(
+            f"SampledSyncBatchNorm: rank {dist.get_rank()} is not a member of the layer's "
+            f"process group; a rank outside the group cannot train the layer (give it a group "
+            f"it belongs to)"
+        )
+    return size
 
 
 class _SyncSampledBatchNorm(torch.autograd.Function):
@@ -110,6 +155,42 @@ def _merge(stats: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     return mu, var, n
 
 
+def _all_gather_rows(row: Tensor, group: Any) -> Tensor:
+    """``(world, len(row))``: every rank's row, by a functional collective with autograd (its
+    backward is a ``reduce_scatter`` of the rows' gradients)."""
+    import torch.distributed._functional_collectives as funcol
+
+    group = dist.group.WORLD if group is None else group
+    gather = getattr(funcol, "all_gather_single_autograd", None)  # torch >= 2.13
+    if gather is None:  # pragma: no cover - torch 2.11/2.12
+        gather = funcol.all_gather_tensor_autograd
+    return gather(row[None], 0, group)
+
+
+def _traced_sync_batch_norm(
+    input: Tensor,  # noqa: A002
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | Tensor,
+    eps: float,
+    cfg: SamplingConfig,
+    group: Any,
+) -> Tensor:
+    """The traceable lowering (module docstring): estimator statistics of the local sample, one
+    functional ``all_gather``, Chan's merge, the estimator's normalisation; autograd's gradient."""
+    plan = sample_plan(tuple(input.shape), cfg)
+    offsets = draw_offsets(plan, input.device, cfg.seed)
+    mean_r, var_r = sample_statistics(input, plan, offsets)
+    n_r = plan.count()
+    row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
+    mean, var, n = _merge(_all_gather_rows(row, group), input.shape[1])
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    return normalize(input, mean, var, weight, bias, eps)
+
+
 def sync_sampled_batch_norm(
     input: Tensor,  # noqa: A002 - F.batch_norm's name
     running_mean: Tensor | None,
@@ -138,6 +219,10 @@ def sync_sampled_batch_norm(
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training or _group_size(process_group) == 1:
         return local_sampled_batch_norm(*args, config=cfg)
+    if _tracing():
+        return _traced_sync_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, cfg, process_group
+        )
     if cfg.seed is not None:  # each rank its own reproducible stream
         cfg = cfg.replace(seed=(cfg.seed + 7919 * dist.get_rank(process_group)) % 2**63)
     if check_channels:
@@ -219,11 +304,19 @@ class SampledSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.eps,
             config=self.config,
             process_group=self.process_group,
-            check_channels=self.training and not self.__dict__.get("_channels_checked", False),
+            check_channels=self._check_channels_now(),
         )
-        if self.training and _group_size(self.process_group) > 1:
-            self.__dict__["_channels_checked"] = True
         return out
+
+    def _check_channels_now(self) -> bool:
+        """True on the first eager training call with more than one rank (then never again);
+        never under ``torch.compile`` (module docstring)."""
+        if torch.compiler.is_compiling() or not self.training:
+            return False
+        if self.__dict__.get("_channels_checked", False) or _group_size(self.process_group) == 1:
+            return False
+        self.__dict__["_channels_checked"] = True
+        return True
 
 
 def sync_twin(bn: nn.SyncBatchNorm, config: Any) -> SampledSyncBatchNorm:

@@ -22,9 +22,16 @@ with ``mu_hat``, ``var_hat`` the biased statistics over the sample set of the co
    ``bnrewrite::sampled_batch_norm_functional``, whose outputs 1 and 2 are the updated running
    statistics; the original's running-statistics outputs are rewired to them.
 
+Synchronised BN: a ``call_module`` ``nn.SyncBatchNorm`` becomes its
+:class:`~bnrewrite.distributed.SampledSyncBatchNorm` twin (every rank's sample pooled across the
+process group); in a Dynamo graph a one-process ``nn.SyncBatchNorm`` is an ``F.batch_norm`` call
+(form 2), an inlined ``SampledSyncBatchNorm`` is already sampled, and both are listed in the
+report by their ``nn_module_stack`` (:func:`sync_scopes`).
+
 Declined with a logged reason (the node is left as it is): eval-mode BN (``training=False``,
 ``aten._native_batch_norm_legit_no_training``, ``aten._batch_norm_no_update``), a BN filtered by
-name, ``nn.SyncBatchNorm`` (cross-process statistics are not sampled), a tuple form whose saved
+name, a ``nn.SyncBatchNorm`` that Dynamo traced across processes (PyTorch's CUDA
+``sync_batch_norm``: convert the model first), a tuple form whose saved
 statistics are used (a joint forward/backward graph: rewrite before autograd), non-constant
 ``training`` / ``momentum`` / ``eps``. Already rewritten nodes are skipped, so a second rewrite
 changes nothing. The structure is ``find_batch_norm_nodes`` (match) then ``rewrite_node`` (one
@@ -70,6 +77,8 @@ __all__ = [
     "rewrite_graph",
     "rewrite",
     "select_config",
+    "sync_scopes",
+    "UNTOUCHED_SYNC",
     "shape_prop",
     "input_shape",
     "mode_following_nodes",
@@ -219,6 +228,13 @@ class RewriteReport:
         return "\n".join(lines)
 
 
+#: Why a ``nn.SyncBatchNorm`` traced across processes (CUDA, more than one rank) is left alone.
+UNTOUCHED_SYNC = (
+    "unsupported form: nn.SyncBatchNorm traced across processes (PyTorch's sync_batch_norm); "
+    "convert the model with bnrewrite.convert_ before wrapping it in DDP and torch.compile"
+)
+
+
 # -- matching ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BatchNormSite:
@@ -350,6 +366,34 @@ def _match(node: fx.Node, gm: fx.GraphModule | None) -> BatchNormSite | None:
                     "graph); rewrite before autograd"
                 )
     return site
+
+
+def _module_type_name(kind: Any) -> str:
+    return kind.rpartition(".")[2] if isinstance(kind, str) else getattr(kind, "__name__", "")
+
+
+def sync_scopes(graph: fx.Graph, sites: Sequence[BatchNormSite]) -> tuple[list[str], list[str]]:
+    """The synchronised layers a Dynamo graph inlined, by each node's ``nn_module_stack``.
+
+    Returns ``(sampled, untouched)``: the paths of the ``SampledSyncBatchNorm`` layers (already
+    sampled, pooled across their process group: nothing to rewrite) and of the
+    ``nn.SyncBatchNorm`` layers traced in their cross-process form (PyTorch's CUDA
+    ``sync_batch_norm`` function, not a ``batch_norm`` call this pass could rewrite). A
+    ``nn.SyncBatchNorm`` of one process traces as ``F.batch_norm`` and is a plain site."""
+    sampled: dict[str, None] = {}
+    sync: dict[str, None] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        path, kind = list(stack.values())[-1][:2]
+        name = _module_type_name(kind)
+        if name == "SampledSyncBatchNorm":
+            sampled[_normalize_qualname(str(path))] = None
+        elif name == "SyncBatchNorm":
+            sync[_normalize_qualname(str(path))] = None
+    with_sites = {site.name for site in sites}
+    return list(sampled), [name for name in sync if name not in with_sites]
 
 
 def find_batch_norm_nodes(
@@ -573,7 +617,14 @@ def rewrite_graph(
     changed = False
     names: dict[str, str] = {}  # new node / module path -> site name, for the epilogue report
     follows = follow_module_training
-    for site in find_batch_norm_nodes(graph if gm is None else gm):
+    sites = find_batch_norm_nodes(graph if gm is None else gm)
+    inlined_sync, untouched_sync = sync_scopes(graph, sites)
+    report.synchronised += inlined_sync
+    report.skipped += [(name, UNTOUCHED_SYNC) for name in untouched_sync]
+    if untouched_sync:
+        log.warning("bnrewrite: %s left as PyTorch's SyncBatchNorm: %s", untouched_sync[0],
+                    UNTOUCHED_SYNC)  # fmt: skip
+    for site in sites:
         if site.reason == "eval mode" and (
             site.form == "module"
             or (isinstance(follows, AbstractSet) and site.node.name in follows)

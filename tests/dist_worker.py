@@ -60,6 +60,89 @@ def run_ddp(rank: int, case: dict, out: str) -> None:
     torch.save({"state": model.state_dict()}, f"{out}/rank{rank}.pt")
 
 
+def run_compiled(rank: int, case: dict, out: str) -> None:
+    """The same DDP training eagerly and under ``torch.compile(backend="bnrewrite")``: losses,
+    final states, graph and recompile counts."""
+    import copy
+
+    import torch._dynamo
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bnrewrite import convert_
+
+    torch._dynamo.reset()
+    torch._dynamo.config.error_on_recompile = True  # a recompile fails the run
+    model = convert_(ddp_model(), case["config"])
+    twin = copy.deepcopy(model)
+    sizes = case["sizes"]
+    start = sum(sizes[:rank])
+    xs, ws = ddp_data(sizes, case["steps"])
+    options = {**case["config"], "inner": case["inner"]}
+    from torch._dynamo.utils import counters
+
+    # the graph breaks of DDP's own wrapper: the same DDP steps over plain BatchNorm2d
+    plain = ddp_model()
+    plain[1] = torch.nn.BatchNorm2d(8).double()
+    baseline = torch.compile(DDP(plain), backend="eager")
+    for x in xs:
+        baseline(x[start : start + sizes[rank]]).sum().backward()
+    results = {"baseline_breaks": dict(counters["graph_break"])}
+    counters.clear()
+    torch._dynamo.reset()
+    for name, m in (("eager", model), ("compiled", twin)):
+        ddp = DDP(m)
+        step = (
+            torch.compile(ddp, backend="bnrewrite", options=options) if name == "compiled" else ddp
+        )
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        losses = []
+        for x, w in zip(xs, ws):
+            opt.zero_grad()
+            y = step(x[start : start + sizes[rank]])
+            loss = (y * w[start : start + sizes[rank]]).sum()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        results[name] = {"losses": torch.stack(losses), "state": m.state_dict()}
+    results["frames"] = dict(counters["stats"])
+    results["graph_breaks"] = dict(counters["graph_break"])
+    # the layer alone traces as one graph: fullgraph=True, one step against the eager first step
+    torch._dynamo.config.error_on_recompile = False
+    alone = torch.compile(convert_(ddp_model(), case["config"]), backend="bnrewrite",
+                          options=options, fullgraph=True)  # fmt: skip
+    y = alone(xs[0][start : start + sizes[rank]])
+    results["fullgraph_loss"] = (y * ws[0][start : start + sizes[rank]]).sum().detach()
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def run_group_errors(rank: int, case: dict, out: str) -> None:
+    """The layer on a group this rank is not a member of, then on a destroyed group: the
+    messages (``None`` where no error was raised)."""
+    from torch import nn
+
+    from bnrewrite import convert_
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    def message(layer: nn.Module) -> str | None:
+        try:
+            layer(torch.randn(4, 3, 2, 2))
+        except ValueError as e:
+            return str(e)
+        return None
+
+    only_rank0 = dist.new_group([0])
+    errors = {"non_member": message(SampledSyncBatchNorm(3, process_group=only_rank0,
+                                                         config=case["config"]))}  # fmt: skip
+    both = dist.new_group([0, 1])
+    layer = SampledSyncBatchNorm(3, process_group=both, config=case["config"])
+    converted = convert_(nn.Sequential(nn.SyncBatchNorm(3, process_group=both)), case["config"])
+    dist.barrier()
+    dist.destroy_process_group()
+    errors["destroyed"] = message(layer)
+    errors["destroyed_converted"] = message(converted)
+    torch.save(errors, f"{out}/rank{rank}.pt")
+
+
 def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
     import bnrewrite.distributed as bd
     from bnrewrite.distributed import SampledSyncBatchNorm
@@ -72,7 +155,8 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
         drawn.append(out)
         return out
 
-    bd.draw_offsets = recording
+    if not case.get("compiled"):  # (a traced list append would change every step's guards)
+        bd.draw_offsets = recording
 
     dist.init_process_group(
         "gloo",
@@ -84,6 +168,12 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
     try:
         if case.get("ddp"):
             run_ddp(rank, case, out)
+            return
+        if case.get("compiled"):
+            run_compiled(rank, case, out)
+            return
+        if case.get("group_errors"):
+            run_group_errors(rank, case, out)
             return
         if case.get("mismatch"):  # rank r has channels + r: a clear error on every rank
             c = case["channels"] + rank
@@ -128,7 +218,8 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
             f"{out}/rank{rank}.pt",
         )
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

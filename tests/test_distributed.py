@@ -167,6 +167,32 @@ def test_ddp_on_cpu_trains_like_one_process_with_pooled_samples(tmp_path):
             torch.testing.assert_close(r["state"][k], v, msg=k)
 
 
+@pytest.mark.parametrize(
+    "inner, method",
+    [("aot_eager", "bs"), ("aot_eager", "fs"), ("aot_eager", "full"), ("inductor", "bs")],
+)
+def test_compiled_ddp_matches_eager_ddp_without_recompiling(inner, method, tmp_path):
+    """``torch.compile(DDP(model), backend="bnrewrite")`` on 2 gloo ranks (uneven shards) over a
+    ``convert_``-ed model: four SGD steps give the eager DDP run's losses and final parameters and
+    buffers on every rank (fixed sampling); one graph, no recompile (Dynamo's
+    ``error_on_recompile`` is on in the ranks); the model alone compiles with ``fullgraph=True``."""
+    config = {"method": method, "sampling": "fixed"}
+    if method != "full":
+        config["ratio"] = 0.5
+    case = {"compiled": True, "sizes": [6, 10], "steps": 4, "inner": inner, "config": config}
+    ranks = _spawn(case, tmp_path, timeout=240)
+    for r in ranks:
+        torch.testing.assert_close(r["compiled"]["losses"], r["eager"]["losses"])
+        for k, v in r["eager"]["state"].items():
+            torch.testing.assert_close(r["compiled"]["state"][k], v, msg=k)
+        assert r["frames"].get("unique_graphs") == 1, r["frames"]
+        # DDP's own wrapper breaks the frame around the model (as around a plain BN model);
+        # the model's graph -- the sampled sync layers included -- is one graph without a break
+        assert r["graph_breaks"] == r["baseline_breaks"]
+        torch.testing.assert_close(r["fullgraph_loss"], r["eager"]["losses"][0])
+    torch.testing.assert_close(ranks[0]["compiled"]["state"], ranks[1]["compiled"]["state"])
+
+
 def test_mismatched_channels_across_ranks_is_a_clear_error_on_every_rank(tmp_path):
     case = {"mismatch": True, "channels": 4, "config": {"method": "bs", "ratio": 0.5}}
     ranks = _spawn(case, tmp_path, timeout=60)
@@ -190,3 +216,101 @@ def test_without_a_process_group_it_is_the_local_sampled_bn():
     want = sampled_batch_norm(x, torch.zeros(4), torch.ones(4), bn.weight, bn.bias, True, 0.1,
                               1e-5, config=bn.config)  # fmt: skip
     torch.testing.assert_close(bn(x), want)
+
+
+def test_process_group_errors_are_clear_and_do_not_hang(tmp_path):
+    """A rank outside the layer's process group, and a layer (built directly or by ``convert_``)
+    whose group was destroyed: a ValueError that says what to do, on every rank, within the
+    test's time bound -- never local statistics in silence."""
+    case = {"group_errors": True, "config": {"method": "bs", "ratio": 0.5}}
+    ranks = _spawn(case, tmp_path, timeout=60)
+    assert ranks[0]["non_member"] is None  # rank 0 is the group: one rank, local statistics
+    assert "rank 1 is not a member of the layer's process group" in ranks[1]["non_member"]
+    for r in ranks:
+        for key in ("destroyed", "destroyed_converted"):
+            assert "its process_group is not initialised" in r[key]
+            assert "destroy_process_group" in r[key]
+
+
+def test_world_size_without_init_process_group_is_an_error(monkeypatch):
+    """``torchrun`` sets WORLD_SIZE; a script that forgets ``init_process_group`` gets an error
+    at the first training step instead of per-process statistics."""
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bn = SampledSyncBatchNorm(4, config="bs")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 .* call torch.distributed.init_process"):
+        bn(torch.randn(8, 4, 3, 3))
+    bn.eval()  # eval mode needs no process group
+    assert bn(torch.randn(8, 4, 3, 3)).shape == (8, 4, 3, 3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    bn.train()
+    assert bn(torch.randn(8, 4, 3, 3)).shape == (8, 4, 3, 3)
+
+
+def _sync_model():
+    torch.manual_seed(0)
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    fixed = {"method": "bs", "ratio": 0.5, "sampling": "fixed"}
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), SampledSyncBatchNorm(4, config=fixed), torch.nn.ReLU(),
+        torch.nn.SyncBatchNorm(4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ["backend", "pre_grad_pass"])
+def test_compiled_entry_points_report_sync_layers(entry):
+    """In a Dynamo graph (one process): the inlined SampledSyncBatchNorm is already sampled and
+    listed as synchronised; the one-process nn.SyncBatchNorm is an F.batch_norm call and is
+    rewritten. Outputs and running statistics equal ``convert_`` of the same model, eagerly."""
+    import copy
+
+    from bnrewrite import convert_
+    from bnrewrite.backend import SampledBatchNormPass, make_backend
+
+    cfg = {"method": "bs", "ratio": 0.5, "sampling": "fixed"}
+    model = _sync_model()
+    reference = convert_(copy.deepcopy(model), cfg)
+    x = torch.randn(8, 3, 6, 6)
+    if entry == "backend":
+        backend = make_backend(cfg, inner="eager")
+        y = torch.compile(model, backend=backend)(x)
+        (report,) = backend.reports
+    else:  # what Inductor's pre_grad_custom_pass hook does with the Dynamo graph
+        hook = SampledBatchNormPass(cfg)
+
+        def backend(gm, example_inputs):
+            hook(gm.graph)
+            gm.recompile()
+            return gm.forward
+
+        y = torch.compile(model, backend=backend)(x)
+        report = hook.last_report
+    assert report.synchronised == ["1"]
+    assert report.rewritten == [("3", "bs")]
+    torch.testing.assert_close(y, reference(x))
+    for name in ("1.running_mean", "1.running_var", "3.running_mean", "3.running_var"):
+        torch.testing.assert_close(model.state_dict()[name], reference.state_dict()[name])
+
+
+def test_syncbatchnorm_traced_across_processes_is_left_with_a_warning(caplog):
+    """PyTorch's cross-process SyncBatchNorm (CUDA, several ranks) traces as its own
+    ``sync_batch_norm`` function, not a ``batch_norm`` call: the pass leaves it, says so in the
+    report and warns (a graph with that module's nodes, built here without CUDA)."""
+    import logging
+
+    from bnrewrite.passes.fx import UNTOUCHED_SYNC, rewrite_graph
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    stats = graph.call_function(torch.batch_norm_stats, (x, 1e-5))
+    stats.meta["nn_module_stack"] = {
+        "bn": ("L['self'].layer1._modules['bn']", torch.nn.SyncBatchNorm)
+    }
+    graph.output(stats)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    with caplog.at_level(logging.WARNING, logger="bnrewrite"):
+        report = rewrite_graph(gm, "bs")
+    assert report.skipped == [("layer1.bn", UNTOUCHED_SYNC)] and report.count == 0
+    assert "bnrewrite.convert_ before wrapping it in DDP" in caplog.text
