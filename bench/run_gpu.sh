@@ -11,7 +11,7 @@
 #   then, within its budget, torch.compile'd BN
 #   rows, the other ResNet-50 variants and tuning -> $OUT/bench_h200.json, $OUT/bench.txt;
 #   then tests/test_kernels.py and tests/test_lowering_kernels.py on CUDA with the time left
-#   -> $OUT/pytest_kernels.txt;
+#   -> $OUT/pytest_kernels.txt; the one-NCCL-rank SampledSyncBatchNorm test -> $OUT/pytest_nccl.txt;
 #   $OUT/BENCHMARKS_run.md is the section to paste into BENCHMARKS.md.
 # Give the device call a 480 s timeout; BNREWRITE_GPU_BUDGET_S (default 300) bounds the run.
 set -u
@@ -63,6 +63,12 @@ timeout "$LEFT" "$PY" -m pytest tests/test_kernels.py tests/test_lowering_kernel
   > "$OUT/pytest_kernels.txt" 2>&1
 echo "pytest rc=$? (124 = ran out of time)" | tee -a "$OUT/pytest_kernels.txt"
 tail -n 15 "$OUT/pytest_kernels.txt"
+
+echo "== tests/test_distributed.py -k one_rank: SampledSyncBatchNorm over one NCCL rank (timeout 90 s)"
+timeout 90 "$PY" -m pytest tests/test_distributed.py -k one_rank -q -p no:cacheprovider \
+  > "$OUT/pytest_nccl.txt" 2>&1
+echo "pytest rc=$? (124 = ran out of time)" | tee -a "$OUT/pytest_nccl.txt"
+tail -n 5 "$OUT/pytest_nccl.txt"
 
 "$PY" bench/to_markdown.py "$OUT/bench_h200.json" > "$OUT/BENCHMARKS_run.md" 2>&1 || true
 cat "$OUT/BENCHMARKS_run.md"

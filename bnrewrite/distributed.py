@@ -58,6 +58,11 @@ from .plan import sample_plan
 __all__ = ["SampledSyncBatchNorm", "sync_sampled_batch_norm", "sync_twin"]
 
 
+#: Run the collectives even in a group of one rank (where the result is the local one): the test
+#: of the NCCL path on a machine with one GPU sets it; NCCL puts one rank on each device.
+COLLECTIVES_WITH_ONE_RANK = False
+
+
 def _group_size(group: Any) -> int:
     """The number of ranks of ``group`` (``None``: the default group); 1 without a process group.
 
@@ -217,7 +222,7 @@ def sync_sampled_batch_norm(
             f"whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full' with SampledSyncBatchNorm"
         )
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training or _group_size(process_group) == 1:
+    if not training or (_group_size(process_group) == 1 and not COLLECTIVES_WITH_ONE_RANK):
         return local_sampled_batch_norm(*args, config=cfg)
     if _tracing():
         return _traced_sync_batch_norm(

@@ -143,6 +143,33 @@ def run_group_errors(rank: int, case: dict, out: str) -> None:
     torch.save(errors, f"{out}/rank{rank}.pt")
 
 
+def run_one_rank(case: dict, out: str) -> None:
+    """A world of one rank (NCCL on CUDA, or gloo on CPU) with the collectives on: eager and
+    compiled (``aot_eager``) forward and backward of the case's batch, float32."""
+    import bnrewrite.distributed as bd
+    from bnrewrite.distributed import SampledSyncBatchNorm
+
+    bd.COLLECTIVES_WITH_ONE_RANK = True
+    x, dy, w, b = batch(case["sizes"], case["channels"], tuple(case["spatial"]))
+    results = {}
+    for name in ("eager", "compiled"):
+        dev = case["device"]
+        bn = SampledSyncBatchNorm(case["channels"], config=case["config"]).to(dev)
+        with torch.no_grad():
+            bn.weight.copy_(w)
+            bn.bias.copy_(b)
+        xs = x.float().to(dev).requires_grad_(True)
+        fn = torch.compile(bn, backend="aot_eager", fullgraph=True) if name == "compiled" else bn
+        y = fn(xs)
+        y.backward(dy.float().to(dev))
+        results[name] = {
+            "y": y.detach().cpu().double(), "dx": xs.grad.cpu().double(),
+            "dw": bn.weight.grad.cpu().double(), "db": bn.bias.grad.cpu().double(),
+            "rm": bn.running_mean.cpu().double(), "rv": bn.running_var.cpu().double(),
+        }  # fmt: skip
+    torch.save(results, f"{out}/rank0.pt")
+
+
 def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
     import bnrewrite.distributed as bd
     from bnrewrite.distributed import SampledSyncBatchNorm
@@ -155,11 +182,11 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
         drawn.append(out)
         return out
 
-    if not case.get("compiled"):  # (a traced list append would change every step's guards)
+    if not (case.get("compiled") or case.get("one_rank")):  # (no list appends in traced code)
         bd.draw_offsets = recording
 
     dist.init_process_group(
-        "gloo",
+        case.get("backend", "gloo"),
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
@@ -171,6 +198,11 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
             return
         if case.get("compiled"):
             run_compiled(rank, case, out)
+            return
+        if case.get("one_rank"):
+            if case["device"] == "cuda":
+                torch.cuda.set_device(0)
+            run_one_rank(case, out)
             return
         if case.get("group_errors"):
             run_group_errors(rank, case, out)

@@ -155,6 +155,8 @@ def test_digits_are_embedded_and_split():
         (["--ratio", "vdn=1/2"], "has no ratio"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--data-dir", "/nonexistent/cifar"], "is not a directory"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--nproc", "3"], "must split into --nproc 3 equal shares"),
     ],
 )
 def test_demo_cli_errors_are_one_line_and_leave_no_output(tmp_path, capsys, argv, message):
@@ -318,3 +320,29 @@ def test_demo_bn1d_head_and_automatic_budget(tmp_path, capsys):
     assert "BatchNorm1d head" in printed and "auto budget" in printed
     ckpt = torch.load(out / "bn_model.pt", weights_only=True)
     assert ckpt["head"] == "bn1d"
+
+
+def test_demo_nproc_2_is_data_parallel_and_bn_equals_one_process(tmp_path):
+    """``--nproc 2``: two spawned gloo ranks under DDP, 32 images each per batch of 64. Full BN
+    (the exact SampledSyncBatchNorm, on CPU) gives the single-process BN run's per-epoch training
+    loss and test accuracy (the same optimisation, data split across ranks); ``bs`` trains
+    through SampledSyncBatchNorm; ``vdn`` is refused with the layer's reason; the BN checkpoint
+    loads into the plain model."""
+    argv = ["demo", "--quick", "--methods", "bn,bs,vdn,gn", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert main([*argv, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["meta"]["nproc"] == 2 and "2 processes" in two["meta"]["title"]
+    assert "SampledSyncBatchNorm (full), DDP over 2 gloo ranks" in two["meta"]["via"]["bn"]
+    runs1 = {r["method"]: r for r in one["runs"]}
+    runs2 = {r["method"]: r for r in two["runs"]}
+    assert runs2["bn"]["train_loss"] == pytest.approx(runs1["bn"]["train_loss"], rel=1e-5)
+    assert runs2["bn"]["test_acc"] == runs1["bn"]["test_acc"]
+    assert runs2["gn"]["train_loss"] == pytest.approx(runs1["gn"]["train_loss"], rel=1e-5)
+    assert runs2["bs"]["status"] == "ok" and math.isfinite(runs2["bs"]["final_test_acc"])
+    assert runs2["bs"]["train_loss"][-1] < runs2["bs"]["train_loss"][0]
+    assert "not supported across processes" in runs2["vdn"]["status"]
+    ckpt = torch.load(tmp_path / "two" / "bn_model.pt", weights_only=True)
+    model = build_model("bn", load_digits(), ckpt["width"], 1, ckpt["head"])
+    model.load_state_dict(ckpt["state_dict"])  # the plain model's keys

@@ -193,6 +193,38 @@ def test_compiled_ddp_matches_eager_ddp_without_recompiling(inner, method, tmp_p
     torch.testing.assert_close(ranks[0]["compiled"]["state"], ranks[1]["compiled"]["state"])
 
 
+_NCCL = torch.cuda.is_available() and torch.distributed.is_nccl_available()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=pytest.mark.skipif(
+                not _NCCL, reason="needs CUDA and NCCL (bench/run_gpu.sh runs it on the H200)"
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("name", ["bs-even", "fs-uneven"])
+def test_one_rank_with_collectives_equals_the_reference(backend, name, tmp_path):
+    """NCCL puts one rank on a device and the GPU machine has one: a world of one rank with the
+    collectives forced on (``COLLECTIVES_WITH_ONE_RANK``), eager and compiled, float32 (NCCL on
+    CUDA; gloo on CPU, the same path), against the float64 CPU reference of the whole batch as
+    one shard."""
+    device = "cuda" if backend == "nccl" else "cpu"
+    case = {**CASES[name], "backend": backend, "device": device, "one_rank": True}
+    case["sizes"] = [sum(case["sizes"])]
+    (result,) = _spawn(case, tmp_path, world=1, timeout=180)
+    y, (dx, dw, db), rm, rv = _reference(case)
+    for run in ("eager", "compiled"):
+        got = result[run]
+        for key, want in (("y", y), ("dx", dx), ("dw", dw), ("db", db), ("rm", rm), ("rv", rv)):
+            torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-4, msg=f"{run} {key}")
+
+
 def test_mismatched_channels_across_ranks_is_a_clear_error_on_every_rank(tmp_path):
     case = {"mismatch": True, "channels": 4, "config": {"method": "bs", "ratio": 0.5}}
     ranks = _spawn(case, tmp_path, timeout=60)
@@ -314,3 +346,27 @@ def test_syncbatchnorm_traced_across_processes_is_left_with_a_warning(caplog):
         report = rewrite_graph(gm, "bs")
     assert report.skipped == [("layer1.bn", UNTOUCHED_SYNC)] and report.count == 0
     assert "bnrewrite.convert_ before wrapping it in DDP" in caplog.text
+
+
+def test_torchrun_script_of_the_docs_trains_on_two_ranks(tmp_path):
+    """The ``torchrun`` script of docs/distributed.md, run by torch's own launcher with two
+    processes (``--standalone``: a rendezvous on localhost); tests/test_readme.py runs the same
+    block as one process."""
+    import re
+    import subprocess
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", docs, re.S | re.M)
+    (script,) = [b for b in blocks if "convert_sync_batchnorm" in b]
+    path = tmp_path / "train.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(path)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} of 2: loss \d+\.\d+", run.stdout), run.stdout

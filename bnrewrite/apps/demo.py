@@ -202,8 +202,14 @@ def apply_method(
     return convert_(model, config, overrides=overrides)
 
 
-def applied_via(method: str, via: str) -> str:
+def applied_via(method: str, via: str, nproc: int = 1) -> str:
     """How :func:`apply_method` applies ``method`` (for the results' metadata)."""
+    if nproc > 1 and method not in ("gn", "vdn", "fs_vdn"):
+        what = "full" if method == "bn" else method
+        return (
+            f"nn.SyncBatchNorm.convert_sync_batchnorm + bnrewrite.convert_ -> "
+            f"SampledSyncBatchNorm ({what}), DDP over {nproc} gloo ranks"
+        )
     if method == "bn":
         return "torch.nn.BatchNorm2d"
     if method == "gn":
@@ -242,6 +248,8 @@ class DemoOptions:
     head: str = "linear"  # "bn1d": an MLP head with a BatchNorm1d over (N, C)
     budget_target: float = 0.05  # error target of the automatic budget
     budget_batches: int = 4  # calibration batches of the automatic budget
+    nproc: int = 1  # data-parallel CPU processes (DDP over gloo, synchronised BN)
+    threads: int = 1  # torch CPU threads per process of --nproc
 
     @property
     def learning_rate(self) -> float:
@@ -300,9 +308,11 @@ def _bn_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, 
 
 def _calibration(dataset: Dataset, opts: DemoOptions, seed: int) -> list[torch.Tensor]:
     """``opts.budget_batches`` training batches for the automatic budget (seeded apart from the
-    training order)."""
+    training order), of one rank's share with ``--nproc``: the budget bounds each rank's sample
+    (the pooled sample is ``nproc`` times larger)."""
     gen = torch.Generator().manual_seed(10_000 + seed)
-    idx = list(_batches(len(dataset.x_train), opts.batch_size, gen))[: opts.budget_batches]
+    per_rank = opts.batch_size // opts.nproc
+    idx = list(_batches(len(dataset.x_train), per_rank, gen))[: opts.budget_batches]
     return [dataset.x_train[i] for i in idx]
 
 
@@ -312,11 +322,17 @@ def train_one(
     seed: int,
     opts: DemoOptions,
     keep_model: list[nn.Module] | None = None,
+    rank: int = 0,
 ) -> RunResult:
-    """Train one (method, seed) and evaluate after every epoch."""
+    """Train one (method, seed) and evaluate after every epoch.
+
+    With ``opts.nproc > 1`` this is one rank of a data-parallel run (the process group is
+    initialised by :func:`run_demo`): the model's BN layers become synchronised
+    (:func:`synchronised_model`), DDP wraps it, every rank takes its ``1/nproc`` share of each
+    batch, and rank 0 evaluates and times."""
     cfg = method_config(method, opts.ratios, opts.groups, opts.vdn_samples)
     result = RunResult(method, seed, "ok", config=cfg.to_dict() if cfg else None)
-    result.via = applied_via(method, opts.via)
+    result.via = applied_via(method, opts.via, opts.nproc)
     n = len(dataset.x_train)
     if n < opts.batch_size:
         raise ValueError(
@@ -325,7 +341,8 @@ def train_one(
         )
     torch.manual_seed(seed)
     model = build_model(method, dataset, opts.width, opts.blocks, opts.head)
-    shapes = _bn_input_shapes(model, dataset.x_train[: opts.batch_size])
+    # the shapes each process sees: the plan (and the floor) is per rank with --nproc
+    shapes = _bn_input_shapes(model, dataset.x_train[: opts.batch_size // opts.nproc])
     overrides = None
     if method == "budget":
         rng = torch.get_rng_state()
@@ -341,10 +358,22 @@ def train_one(
     elif cfg is not None and not cfg.uses_virtual_rows and shapes:
         result.reads = fraction_read(shapes, cfg)
     try:
-        model = apply_method(model, cfg, opts.via, overrides)
+        if opts.nproc > 1:
+            model = synchronised_model(model, method, cfg, overrides)
+        else:
+            model = apply_method(model, cfg, opts.via, overrides)
     except MethodUnavailable as e:
         result.status = str(e)
         return result
+    step_model: nn.Module = model
+    share = slice(None)
+    if opts.nproc > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # running statistics are equal on every rank (pooled): no buffer broadcast per step
+        step_model = DistributedDataParallel(model, **_no_buffer_sync())
+        per_rank = opts.batch_size // opts.nproc
+        share = slice(rank * per_rank, (rank + 1) * per_rank)
     steps_per_epoch = n // opts.batch_size
     total = steps_per_epoch * opts.epochs
     opt = torch.optim.SGD(
@@ -356,14 +385,15 @@ def train_one(
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opts.learning_rate, total_steps=total)
     gen = torch.Generator().manual_seed(seed)
-    bar = _progress(total, f"{LABELS[method]:>15} seed {seed}", opts.progress)
+    bar = _progress(total, f"{LABELS[method]:>15} seed {seed}", opts.progress and rank == 0)
     with bar:
         for _epoch in range(opts.epochs):
             model.train()
             losses: list[float] = []
-            for idx in _batches(n, opts.batch_size, gen):
+            for batch in _batches(n, opts.batch_size, gen):
+                idx = batch[share]  # this rank's share of the batch (all of it in one process)
                 t0 = time.perf_counter()
-                loss = F.cross_entropy(model(dataset.x_train[idx]), dataset.y_train[idx])
+                loss = F.cross_entropy(step_model(dataset.x_train[idx]), dataset.y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -372,7 +402,9 @@ def train_one(
                 result.steps += 1
                 losses.append(float(loss.detach()))
                 bar.update(1)
-            result.train_loss.append(statistics.fmean(losses) if losses else math.nan)
+            result.train_loss.append(_mean_over_ranks(losses, opts.nproc))
+            if rank != 0:  # rank 0 evaluates (every rank holds the same model)
+                continue
             acc = evaluate(model, dataset.x_test, dataset.y_test, opts.eval_batch)
             result.test_acc.append(acc)
             bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}", test_acc=f"{acc:.1f}")
@@ -385,6 +417,57 @@ def train_one(
     if keep_model is not None:
         keep_model.append(model)
     return result
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "do not broadcast buffers before every forward" (renamed in torch 2.13)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
+
+
+def _mean_over_ranks(losses: Sequence[float], nproc: int) -> float:
+    """The epoch's mean training loss over the whole batches (each rank's loss is its share's)."""
+    if not losses:
+        return math.nan
+    local = statistics.fmean(losses)
+    if nproc == 1:
+        return local
+    import torch.distributed as dist
+
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total) / nproc
+
+
+def synchronised_model(
+    model: nn.Module,
+    method: str,
+    config: SamplingConfig | None,
+    overrides: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model of one rank of ``--nproc``: every BatchNorm a
+    :class:`~bnrewrite.distributed.SampledSyncBatchNorm` (``bn``: ``method="full"``, the exact
+    SyncBatchNorm, which also runs on CPU; ``ns``/``bs``/``fs``/``budget``: each rank samples its
+    share and the samples are pooled); GroupNorm as it is. ``vdn``/``fs_vdn``: the layer's
+    refusal, as :class:`MethodUnavailable`."""
+    if method == "gn":
+        return model
+    from ..distributed import SampledSyncBatchNorm
+    from ..modules import convert_
+
+    cfg = config or SamplingConfig("full")
+    try:
+        SampledSyncBatchNorm(1, config=cfg)  # vdn / fs_vdn: its error says why
+    except ValueError as e:
+        raise MethodUnavailable(str(e)) from None
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    convert_(model, cfg, overrides=overrides)
+    return convert_(model, "full")  # a layer an override kept as BatchNorm: the exact sync BN
 
 
 class _NoBar(contextlib.nullcontext):
@@ -647,6 +730,77 @@ def write_outputs(
     return paths
 
 
+def _train_all(
+    dataset: Dataset,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    opts: DemoOptions,
+    rank: int = 0,
+) -> tuple[list[RunResult], dict[str, torch.Tensor] | None]:
+    """Every (method, seed) in order; the results and the first BN model's ``state_dict``."""
+    results: list[RunResult] = []
+    bn_model: list[nn.Module] = []
+    for method in methods:
+        for seed in seeds:
+            keep = bn_model if method == "bn" and not bn_model else None
+            results.append(train_one(dataset, method, seed, opts, keep, rank))
+    return results, (copy.deepcopy(bn_model[0].state_dict()) if bn_model else None)
+
+
+def _rank_main(
+    rank: int,
+    init_file: str,
+    out_file: str,
+    dataset: Dataset,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    opts: DemoOptions,
+) -> None:
+    """One process of :func:`run_ranks`."""
+    import datetime
+    import pickle
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(opts.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=opts.nproc,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    try:
+        results, bn_state = _train_all(dataset, methods, seeds, opts, rank)
+        if rank == 0:
+            with open(out_file, "wb") as f:
+                pickle.dump((results, bn_state), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(
+    dataset: Dataset,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    opts: DemoOptions,
+) -> tuple[list[RunResult], dict[str, torch.Tensor] | None]:
+    """:func:`_train_all` in ``opts.nproc`` processes (``torch.multiprocessing``, spawn; a gloo
+    process group on this machine, rendezvous through a file in a temporary folder): DDP, each
+    rank a ``1/nproc`` share of every batch, synchronised BN. Rank 0's results."""
+    import pickle
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="bnrewrite-demo-") as tmp:
+        out_file = str(Path(tmp) / "results.pkl")
+        args = (str(Path(tmp) / "init"), out_file, dataset, list(methods), list(seeds), opts)
+        mp.start_processes(_rank_main, args=args, nprocs=opts.nproc, start_method="spawn")
+        with open(out_file, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - written by our own ranks just now
+
+
 def run_demo(
     dataset: Dataset,
     methods: Sequence[str],
@@ -655,14 +809,14 @@ def run_demo(
     out: Path | None = None,
     meta: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[RunResult], dict[str, Path]]:
-    """Train every (method, seed); summarise; write the files when ``out`` is given."""
-    results: list[RunResult] = []
-    bn_model: list[nn.Module] = []
+    """Train every (method, seed); summarise; write the files when ``out`` is given.
+
+    ``opts.nproc > 1``: :func:`run_ranks` trains them data-parallel in that many processes."""
     t0 = time.perf_counter()
-    for method in methods:
-        for seed in seeds:
-            keep = bn_model if method == "bn" and not bn_model else None
-            results.append(train_one(dataset, method, seed, opts, keep))
+    if opts.nproc > 1:
+        results, bn_state = run_ranks(dataset, methods, seeds, opts)
+    else:
+        results, bn_state = _train_all(dataset, methods, seeds, opts)
     rows = summarize(results, methods)
     paths: dict[str, Path] = {}
     if out is not None:
@@ -670,11 +824,11 @@ def run_demo(
         meta.setdefault("title", f"bnrewrite demo: {dataset.describe()}")
         meta["seconds"] = round(time.perf_counter() - t0, 1)
         paths = write_outputs(out, rows, results, methods, meta)
-        if bn_model:
+        if bn_state is not None:
             paths["bn_model"] = out / "bn_model.pt"
             torch.save(
                 {
-                    "state_dict": copy.deepcopy(bn_model[0].state_dict()),
+                    "state_dict": bn_state,
                     "dataset": dataset.name,
                     "width": opts.width,
                     "blocks": opts.blocks,
@@ -742,6 +896,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.05,
         help="error target of the 'budget' method (automatic per-layer budget, default 0.05)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train data-parallel in N CPU processes (DDP over gloo; each rank 1/N of every "
+        "batch; BN synchronised: bn = exact SyncBatchNorm, ns/bs/fs/budget = SampledSyncBatchNorm)",
+    )
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -789,6 +950,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--epochs and --seeds must be at least 1")
     if args.threads < 1:
         raise CLIError("--threads must be at least 1")
+    if args.nproc < 1:
+        raise CLIError("--nproc must be at least 1")
+    if args.nproc > 1 and (batch % args.nproc or batch // args.nproc < 2):
+        raise CLIError(
+            f"--batch-size {batch} must split into --nproc {args.nproc} equal shares of at least "
+            f"2 images (e.g. --batch-size {max(2, batch // args.nproc) * args.nproc})"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a folder")
@@ -804,6 +972,8 @@ def run(args: argparse.Namespace) -> int:
         via=args.via,
         head=args.head,
         budget_target=args.budget_target,
+        nproc=args.nproc,
+        threads=args.threads,
     )
     if not args.budget_target > 0:
         raise CLIError(f"--budget-target must be positive (e.g. 0.05), got {args.budget_target}")
@@ -821,6 +991,8 @@ def run(args: argparse.Namespace) -> int:
         f"{', BatchNorm1d head' if opts.head == 'bn1d' else ''}; "
         f"batch {batch}, {epochs} epochs, {n_seeds} seed(s)"
     )
+    if opts.nproc > 1:
+        title += f"; {opts.nproc} processes (DDP over gloo, {batch // opts.nproc} images per rank)"
     print(title, flush=True)
     if any(m in ("vdn", "fs_vdn") for m in methods) and not vdn_available():
         print(f"note: vdn and fs_vdn are not available yet ({VDN_MODULE} is not importable)")
@@ -839,7 +1011,8 @@ def run(args: argparse.Namespace) -> int:
         "width": opts.width,
         "head": opts.head,
         "quick": bool(args.quick),
-        "via": {m: applied_via(m, opts.via) for m in methods},
+        "via": {m: applied_via(m, opts.via, opts.nproc) for m in methods},
+        "nproc": opts.nproc,
     }
     rows, _results, paths = run_demo(dataset, methods, seeds, opts, out, meta)
     elapsed = time.perf_counter() - t0
