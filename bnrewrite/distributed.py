@@ -105,7 +105,7 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
         bias: Tensor | None,
         mean: Tensor,
         var: Tensor,
-        n: float,
+        n: Tensor,
         eps: float,
         access: _SampleAccess,
         group: Any,
@@ -242,18 +242,17 @@ def sync_sampled_batch_norm(
         row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
         gathered = [torch.empty_like(row) for _ in range(_group_size(process_group))]
         dist.all_gather(gathered, row, group=process_group)  # one collective
-        mean, var, n = _merge(torch.stack(gathered), channels)
-        n_total = float(n)
-    if n_total <= 1:
+        mean, var, n = _merge(torch.stack(gathered), channels)  # n: a 0-d tensor
+    # the pooled count stays on the device (no host sync per layer); it is read only where the
+    # local sample alone is too small to vouch for it (batch 1 per rank with a BatchNorm1d)
+    if n_r <= 1 and float(n) <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel in the pooled sample set when training, "
-            f"got {n_total:g}"
+            f"got {float(n):g}"
         )
     if running_mean is not None or running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, n_total, momentum)
-    return _SyncSampledBatchNorm.apply(
-        input, weight, bias, mean, var, n_total, eps, access, process_group
-    )
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    return _SyncSampledBatchNorm.apply(input, weight, bias, mean, var, n, eps, access, process_group)
 
 
 class SampledSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -82,6 +82,9 @@ CASES = {
                   "config": {"method": "fs", "ratio": 0.25, "sampling": "fixed"}},
     "full-uneven": {"sizes": [5, 11], "channels": 4, "spatial": [2, 3],
                     "config": {"method": "full"}},
+    # one sample per rank, a BatchNorm1d input: only the pooled set has 2 values per channel
+    "full-one-per-rank": {"sizes": [1, 1], "channels": 4, "spatial": [],
+                          "config": {"method": "full"}},
     "bs-convert": {"sizes": [8, 8], "channels": 4, "spatial": [3, 3], "convert": True,
                    "config": {"method": "bs", "ratio": 0.5, "sampling": "fixed"}},
 }  # fmt: skip
