@@ -172,26 +172,39 @@ def test_ddp_on_cpu_trains_like_one_process_with_pooled_samples(tmp_path):
 
 @pytest.mark.parametrize(
     "inner, method",
-    [("aot_eager", "bs"), ("aot_eager", "fs"), ("aot_eager", "full"), ("inductor", "bs")],
+    [
+        ("aot_eager", "bs"),
+        ("aot_eager", "fs"),
+        ("aot_eager", "full"),
+        ("inductor", "bs"),
+        ("aot_eager", "bs-random"),
+    ],
 )
 def test_compiled_ddp_matches_eager_ddp_without_recompiling(inner, method, tmp_path):
     """``torch.compile(DDP(model), backend="bnrewrite")`` on 2 gloo ranks (uneven shards) over a
     ``convert_``-ed model: four SGD steps give the eager DDP run's losses and final parameters and
     buffers on every rank (fixed sampling); one graph, no recompile (Dynamo's
-    ``error_on_recompile`` is on in the ranks); the model alone compiles with ``fullgraph=True``."""
-    config = {"method": method, "sampling": "fixed"}
+    ``error_on_recompile`` is on in the ranks); the model alone compiles with ``fullgraph=True``.
+    Random sampling (fresh offsets every step, device tensors): no recompile either, and the
+    ranks end with equal parameters and (pooled) running statistics."""
+    random = method.endswith("-random")
+    method = method.removesuffix("-random")
+    config = {"method": method, "sampling": "random" if random else "fixed"}
     if method != "full":
         config["ratio"] = 0.5
     case = {"compiled": True, "sizes": [6, 10], "steps": 4, "inner": inner, "config": config}
     ranks = _spawn(case, tmp_path, timeout=240)
     for r in ranks:
-        torch.testing.assert_close(r["compiled"]["losses"], r["eager"]["losses"])
-        for k, v in r["eager"]["state"].items():
-            torch.testing.assert_close(r["compiled"]["state"][k], v, msg=k)
         assert r["frames"].get("unique_graphs") == 1, r["frames"]
+        assert torch.isfinite(r["compiled"]["losses"]).all()
         # DDP's own wrapper breaks the frame around the model (as around a plain BN model);
         # the model's graph -- the sampled sync layers included -- is one graph without a break
         assert r["graph_breaks"] == r["baseline_breaks"]
+        if random:
+            continue
+        torch.testing.assert_close(r["compiled"]["losses"], r["eager"]["losses"])
+        for k, v in r["eager"]["state"].items():
+            torch.testing.assert_close(r["compiled"]["state"][k], v, msg=k)
         torch.testing.assert_close(r["fullgraph_loss"], r["eager"]["losses"][0])
     torch.testing.assert_close(ranks[0]["compiled"]["state"], ranks[1]["compiled"]["state"])
 
