@@ -252,7 +252,9 @@ def sync_sampled_batch_norm(
         )
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
-    return _SyncSampledBatchNorm.apply(input, weight, bias, mean, var, n, eps, access, process_group)
+    return _SyncSampledBatchNorm.apply(
+        input, weight, bias, mean, var, n, eps, access, process_group
+    )
 
 
 class SampledSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -6,6 +6,7 @@ forward and backward, and saves what it computed for the parent test to compare.
 from __future__ import annotations
 
 import datetime
+import gc
 import sys
 
 import torch
@@ -251,6 +252,10 @@ def run(rank: int, world: int, init_file: str, out: str, case: dict) -> None:
         )
     finally:
         if dist.is_initialized():
+            # free the DDP objects (reference cycles that hold the group) before the teardown:
+            # left to interpreter exit, gloo's threads can abort the process (docs/distributed.md)
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -758,6 +758,7 @@ def _rank_main(
 ) -> None:
     """One process of :func:`run_ranks`."""
     import datetime
+    import gc
     import pickle
 
     import torch.distributed as dist
@@ -775,6 +776,10 @@ def _rank_main(
         if rank == 0:
             with open(out_file, "wb") as f:
                 pickle.dump((results, bn_state), f)
+        # free the DDP objects (reference cycles that hold the group) before the teardown: left
+        # to interpreter exit, gloo's threads can abort the process (docs/distributed.md)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
