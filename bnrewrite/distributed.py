@@ -160,6 +160,11 @@ def _merge(stats: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     return mu, var, n
 
 
+def _row(mean_r: Tensor, var_r: Tensor, n_r: Any) -> Tensor:
+    """One rank's ``(n_r, mean_r, M2_r)`` packed in one tensor, for one all_gather."""
+    return torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
+
+
 def _all_gather_rows(row: Tensor, group: Any) -> Tensor:
     """``(world, len(row))``: every rank's row, by a functional collective with autograd (its
     backward is a ``reduce_scatter`` of the rows' gradients)."""
@@ -188,9 +193,9 @@ def _traced_sync_batch_norm(
     plan = sample_plan(tuple(input.shape), cfg)
     offsets = draw_offsets(plan, input.device, cfg.seed)
     mean_r, var_r = sample_statistics(input, plan, offsets)
-    n_r = plan.count()
-    row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
-    mean, var, n = _merge(_all_gather_rows(row, group), input.shape[1])
+    mean, var, n = _merge(
+        _all_gather_rows(_row(mean_r, var_r, plan.count()), group), input.shape[1]
+    )
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return normalize(input, mean, var, weight, bias, eps)
@@ -222,7 +227,8 @@ def sync_sampled_batch_norm(
             f"whole-graph rewrite; use 'bs', 'fs', 'ns' or 'full' with SampledSyncBatchNorm"
         )
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training or (_group_size(process_group) == 1 and not COLLECTIVES_WITH_ONE_RANK):
+    world = _group_size(process_group) if training else 1
+    if not training or (world == 1 and not COLLECTIVES_WITH_ONE_RANK):
         return local_sampled_batch_norm(*args, config=cfg)
     if _tracing():
         return _traced_sync_batch_norm(
@@ -239,8 +245,8 @@ def sync_sampled_batch_norm(
         mean_r, var_r = access.statistics(input, eps)  # keeps the sample for the fix-up
         n_r = float(plan.count())
         channels = input.shape[1]
-        row = torch.cat([mean_r.new_full((1,), n_r), mean_r, var_r * n_r])
-        gathered = [torch.empty_like(row) for _ in range(_group_size(process_group))]
+        row = _row(mean_r, var_r, n_r)
+        gathered = [torch.empty_like(row) for _ in range(world)]
         dist.all_gather(gathered, row, group=process_group)  # one collective
         mean, var, n = _merge(torch.stack(gathered), channels)  # n: a 0-d tensor
     # the pooled count stays on the device (no host sync per layer); it is read only where the
