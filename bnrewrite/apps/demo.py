@@ -327,7 +327,7 @@ def train_one(
     """Train one (method, seed) and evaluate after every epoch.
 
     With ``opts.nproc > 1`` this is one rank of a data-parallel run (the process group is
-    initialised by :func:`run_demo`): the model's BN layers become synchronised
+    initialised by :func:`run_ranks`): the model's BN layers become synchronised
     (:func:`synchronised_model`), DDP wraps it, every rank takes its ``1/nproc`` share of each
     batch, and rank 0 evaluates and times."""
     cfg = method_config(method, opts.ratios, opts.groups, opts.vdn_samples)
