@@ -5,6 +5,8 @@ Layers, from the bottom up (see ``docs/architecture.md``):
 1. :mod:`bnrewrite.config`     -- ``SamplingConfig``.
 2. :mod:`bnrewrite.plan`       -- the backend-neutral sample plan;
    :mod:`bnrewrite.estimators` -- the math (``sampled_batch_norm``), the single source of truth;
+   its lowerings :mod:`bnrewrite.eager` (native kernels) and :mod:`bnrewrite.compiled` (for
+   ``torch.compile``); ``bnrewrite.sampled_batch_norm`` picks the one for its context;
    :mod:`bnrewrite.modules`    -- ``SampledBatchNorm1d/2d/3d`` and ``convert_``.
 3. :mod:`bnrewrite.passes`     -- graph passes (FX, VDN, ONNX rules), lowerings of the estimators.
 4. :mod:`bnrewrite.kernels`    -- fused GPU lowering.
@@ -17,7 +19,7 @@ from typing import Any
 
 from . import _source_checkout  # noqa: F401  (bnrewrite.passes from a plain checkout)
 from .config import SamplingConfig
-from .estimators import sampled_batch_norm
+from .eager import sampled_batch_norm  # dispatches: eager, compiled or composite lowering
 from .modules import SampledBatchNorm1d, SampledBatchNorm2d, SampledBatchNorm3d, convert_
 from .plan import SamplePlan, sample_plan
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiled import compiled_sampled_batch_norm
 from .config import SamplingConfig
 from .estimators import (
     _check_arguments,
@@ -48,6 +49,7 @@ from .estimators import (
     _is_empty,
     axis_indices,
     draw_offsets,
+    sample_index,
     update_running_stats,
 )
 from .estimators import sampled_batch_norm as composite_sampled_batch_norm
@@ -59,7 +61,7 @@ __all__ = [
     "fix_up",
     "eager_applicable",
     "eager_sampled_batch_norm",
-    "sample_index",
+    "compiled_applicable",
     "sampled_batch_norm",
 ]
 
@@ -95,31 +97,6 @@ def eager_applicable(x: Tensor) -> bool:
     if not all(isinstance(d, int) for d in x.shape):
         return False
     return setting == "1" or x.numel() >= EAGER_MIN_NUMEL
-
-
-def sample_index(plan: SamplePlan, offsets: Tensor, device: torch.device) -> tuple[Tensor, ...]:
-    """Advanced indices ``(i_0, i_1, ...)`` with ``x[i_0, i_1, ...] == gather_sample(x, plan,
-    offsets)`` (random sampling): every axis gets a broadcastable index, sampled axes the
-    estimator's ``(offset + step * j) mod size`` for the channel's group (and row)."""
-    rank = len(plan.shape)
-    channels = plan.shape[1]
-    index: list[Tensor] = []
-    for d in range(rank):
-        size = plan.real_rows if d == 0 else plan.shape[d]
-        shape = [1] * rank
-        shape[d] = size
-        index.append(torch.arange(size, device=device).view(shape))
-    group_of = torch.arange(channels, device=device) * plan.groups // channels
-    for i, ax in enumerate(plan.axes):
-        idx = axis_indices(ax, offsets, i)  # (R, G, count)
-        idx = idx.index_select(1, group_of)  # (R, C, count)
-        if ax.axis == 0:  # rows: (1, C, k) -> (k, C, 1, ...)
-            index[0] = idx[0].t().reshape([ax.count, channels] + [1] * (rank - 2))
-        else:
-            shape = [idx.shape[0], channels] + [1] * (rank - 2)
-            shape[ax.axis] = ax.count
-            index[ax.axis] = idx.reshape(shape)
-    return tuple(index)
 
 
 def _native_stats(sample: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -404,10 +381,39 @@ def eager_sampled_batch_norm(
     return _EagerSampledBatchNorm.apply(input, weight, bias, mean, var, eps, access)
 
 
+def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Grad mode is on and the input, weight or bias (``F.batch_norm``'s positions 0, 3, 4)
+    requires a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    names = ("input", "running_mean", "running_var", "weight", "bias")
+    values = [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
+    return any(isinstance(values[i], Tensor) and values[i].requires_grad for i in (0, 3, 4))
+
+
 def sampled_batch_norm(*args: Any, **kwargs: Any) -> Tensor:
-    """:func:`eager_sampled_batch_norm` for eager plain tensors, else the estimator's composite
-    form (what the compilers trace and fuse)."""
+    """``F.batch_norm``'s contract with sampled training statistics (``config=``: a
+    :class:`~bnrewrite.SamplingConfig`, a dict of its fields or a method name), on the fastest
+    lowering of the estimator for the context: :func:`eager_sampled_batch_norm` for eager plain
+    tensors of at least ``EAGER_MIN_NUMEL`` elements, the compiled lowering
+    (:mod:`bnrewrite.compiled`) under ``torch.compile`` and other tracers that differentiate, and
+    the estimator's composite form (:func:`bnrewrite.estimators.sampled_batch_norm`) otherwise.
+    All three compute the same values from the same random state."""
     x = args[0] if args else kwargs.get("input")
     if isinstance(x, Tensor) and eager_applicable(x):
         return eager_sampled_batch_norm(*args, **kwargs)
+    if isinstance(x, Tensor) and compiled_applicable(x) and _needs_grad(args, kwargs):
+        return compiled_sampled_batch_norm(*args, **kwargs)
     return composite_sampled_batch_norm(*args, **kwargs)
+
+
+def compiled_applicable(x: Tensor) -> bool:
+    """True where the compiled lowering runs (when a gradient is needed): under a tracer
+    (Dynamo, ``make_fx``, AOTAutograd's functional tensors) other than ``torch.export``, whose
+    graphs the ONNX exporter reads in the composite form; ``BNREWRITE_COMPILED=0`` keeps the
+    composite form everywhere."""
+    if os.environ.get("BNREWRITE_COMPILED", "") == "0" or torch.compiler.is_exporting():
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return type(x) is not torch.Tensor or torch._is_functional_tensor(x) or _tracing()

@@ -41,6 +41,7 @@ __all__ = [
     "remember_rows",
     "replayed_rows",
     "gather_sample",
+    "sample_index",
     "sample_mask",
     "sample_parts",
     "sample_statistics",
@@ -211,6 +212,39 @@ def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor
         out_shape[ax.axis] = ax.count
         x = torch.gather(x, ax.axis, idx.reshape(shape).expand(out_shape))
     return x
+
+
+def sample_index(
+    plan: SamplePlan, offsets: Tensor | None, device: torch.device
+) -> tuple[Tensor, ...]:
+    """Advanced indices ``(i_0, i_1, ...)`` with ``x[i_0, i_1, ...] == gather_sample(x, plan,
+    offsets)``: every axis gets a broadcastable index, sampled axes the estimator's
+    ``(offset + step * j) mod size`` for the channel's group (and row), or ``0 .. count - 1``
+    for fixed sampling (``offsets=None``)."""
+    rank = len(plan.shape)
+    channels = plan.shape[1]
+    index: list[Tensor] = []
+    for d in range(rank):
+        size = plan.real_rows if d == 0 else plan.shape[d]
+        shape = [1] * rank
+        shape[d] = size
+        index.append(torch.arange(size, device=device).view(shape))
+    group_of = torch.arange(channels, device=device) * plan.groups // channels
+    for i, ax in enumerate(plan.axes):
+        if offsets is None:
+            shape = [1] * rank
+            shape[ax.axis] = ax.count
+            index[ax.axis] = torch.arange(ax.count, device=device).view(shape)
+            continue
+        idx = axis_indices(ax, offsets, i)  # (R, G, count)
+        idx = idx.index_select(1, group_of)  # (R, C, count)
+        if ax.axis == 0:  # rows: (1, C, k) -> (k, C, 1, ...)
+            index[0] = idx[0].t().contiguous().view([ax.count, channels] + [1] * (rank - 2))
+        else:
+            shape = [idx.shape[0], channels] + [1] * (rank - 2)
+            shape[ax.axis] = ax.count
+            index[ax.axis] = idx.reshape(shape)
+    return tuple(index)
 
 
 def _has_symbolic_axis(plan: SamplePlan) -> bool:

@@ -83,8 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections",
         default=None,
-        help="comma list of checks,eager,layers,e2e,breakdown,compile,e2e-extra,tune (default: "
-        "all)",
+        help="comma list of checks,eager,layers,e2e,breakdown,compile,e2e-extra,tune,compiled "
+        "(default: all; compiled: the backend's lowering vs compiled BN, bytes and times)",
     )
     p.add_argument(
         "--e2e-variants",
@@ -862,7 +862,17 @@ def _bandwidth(device: str) -> float | None:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-SECTIONS = ("checks", "eager", "layers", "e2e", "breakdown", "compile", "e2e-extra", "tune")
+SECTIONS = (
+    "checks",
+    "eager",
+    "layers",
+    "e2e",
+    "breakdown",
+    "compile",
+    "e2e-extra",
+    "tune",
+    "compiled",
+)
 
 
 def _sections(args: argparse.Namespace) -> set[str]:
@@ -957,6 +967,7 @@ def run(args: argparse.Namespace) -> int:
         "eager": [],
         "layers": [],
         "e2e": None,
+        "compiled": None,
         "skipped": [],
         "errors": [],
     }
@@ -995,6 +1006,8 @@ def run(args: argparse.Namespace) -> int:
         phases.append(("e2e extra", lambda: _e2e(args, ctx, budget, result, "extra")))
     if "tune" in sections:
         phases.append(("tuning", lambda: _tune(args, ctx, budget, result)))
+    if "compiled" in sections:
+        phases.append(("compiled", lambda: _compiled_table(args, ctx, budget, result)))
     for name, phase in phases:
         try:
             phase()
@@ -1014,6 +1027,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"  wrote {args.out}", flush=True)
     failed = [c for c in result["checks"] if not c["ok"]]
     return 1 if failed or result["errors"] else 0
+
+
+def _compiled_table(
+    args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]
+) -> None:
+    """The compiled route against compiled BN (:mod:`bnrewrite.apps.bench_compiled`): layer
+    rows (Inductor's passes, kernels, times) per shape and layout, then the ResNet-50 step."""
+    from . import bench_compiled as bc
+
+    device, dtype = ctx["device"], ctx["dtype"]
+    shapes = bc.SMALL_LAYER_SHAPES if args.small else bc.LAYER_SHAPES
+    if args.shapes and args.shapes not in ("all", "anchors"):
+        shapes = _parse_shapes(args.shapes, False, args.batch or 64)
+    layouts = ("nchw", "cl")
+    rows = bc.layer_rows(shapes, layouts, device, dtype, left=budget.left)
+    bc.print_layer_rows(rows)
+    out: dict[str, Any] = {"layers": rows, "model": None}
+    result["compiled"] = out
+    if args.no_e2e:
+        return
+    if budget.left() < 120:
+        result["skipped"].append(f"compiled model: budget ({budget.left():.0f} s left)")
+        return
+    if args.small:
+        out["model"] = bc.model_rows(batch=2, size=32, steps=3, device=device, small=True)
+    elif device == "cuda":
+        out["model"] = bc.model_rows(batch=128, size=224, steps=9, device=device)
+    else:
+        out["model"] = bc.model_rows(batch=16, size=112, steps=9, device=device)
+    bc.print_model_rows(out["model"])
 
 
 def _summary(result: dict[str, Any]) -> None:

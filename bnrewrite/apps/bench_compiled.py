@@ -1,0 +1,342 @@
+"""``bnrewrite bench --sections compiled``: the compiled route against compiled BatchNorm.
+
+Two tables, every number of a table measured side by side in one run:
+
+* **layers** -- one BN layer in training mode, forward + backward (random upstream gradient),
+  per shape and layout: ``torch.compile`` of ``nn.BatchNorm2d`` (Inductor) and the same module
+  under ``backend="bnrewrite"`` with ``full``, ``bs`` 1/8, ``fs`` 1/16 and ``ns`` 1/8 (random
+  sampling). For each: Inductor's own count of the bytes its fused kernels move, forward and
+  backward graphs together (``GraphLowering.count_bytes``, divided by the activation's bytes:
+  "passes"; the fusion plan, the same on every run), the number of kernels it generated, and the
+  median time of a step; ratios are time / compiled BN's time.
+* **model** -- one SGD step of the project's ResNet-50 (:mod:`bnrewrite.apps.resnet50`,
+  channels-last) compiled with plain BN, under the backend with ``bs`` 1/8 and ``fs`` 1/16, and
+  with every BN replaced by a per-channel affine map with no statistics at all (the ceiling of any
+  BatchNorm speed-up on the model); ratios are compiled BN's time / the variant's (speed-ups).
+
+Times are medians over rounds that alternate between the variants (:func:`median_interleaved`),
+so a noisy, shared machine slows every variant alike. The FX-graph and AOTAutograd caches are
+off while compiling, so that Inductor counts every graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+__all__ = [
+    "LAYER_SHAPES",
+    "LAYER_VARIANTS",
+    "MODEL_VARIANTS",
+    "inductor_passes",
+    "counting_bytes",
+    "median_interleaved",
+    "affine_only_",
+    "layer_rows",
+    "model_rows",
+    "print_layer_rows",
+    "print_model_rows",
+]
+
+#: Issue 23's shapes (N, C, H, W).
+LAYER_SHAPES: list[tuple[int, int, int, int]] = [
+    (64, 64, 28, 28),
+    (128, 256, 14, 14),
+    (32, 128, 56, 56),
+    (256, 64, 56, 56),
+]
+SMALL_LAYER_SHAPES: list[tuple[int, int, int, int]] = [(16, 8, 8, 8)]
+#: (label, backend, options) of the layer table; the first is the baseline.
+LAYER_VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("compiled BN", "inductor", None),
+    ("full", "bnrewrite", {"method": "full"}),
+    ("bs 1/8", "bnrewrite", {"method": "bs", "ratio": 0.125}),
+    ("fs 1/16", "bnrewrite", {"method": "fs", "ratio": 0.0625}),
+    ("ns 1/8", "bnrewrite", {"method": "ns", "ratio": 0.125}),
+]
+#: (label, kind, options) of the model table; the first is the baseline.
+MODEL_VARIANTS: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("compiled BN", "plain", None),
+    ("backend bs 1/8", "backend", {"method": "bs", "ratio": 0.125}),
+    ("backend fs 1/16", "backend", {"method": "fs", "ratio": 0.0625}),
+    ("no statistics (ceiling)", "affine", None),
+]
+
+
+@contextlib.contextmanager
+def counting_bytes() -> Iterator[Any]:
+    """Inductor counts the bytes of every graph it compiles inside (``metrics``), caches off.
+
+    Turns on the ``inductor_metrics`` artifact log without printing it (what
+    ``torch._logging.set_logs(inductor_metrics=True)`` enables, less the output).
+    """
+    import torch
+    from torch._inductor import compile_fx, metrics
+
+    log = compile_fx.inductor_metrics_log
+    saved = (log.level, log.propagate, list(log.handlers))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers = [logging.NullHandler()]
+    metrics.reset()
+    try:
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            yield metrics
+    finally:
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        log.handlers = saved[2]
+
+
+def _layer(
+    backend: str,
+    options: dict[str, Any] | None,
+    shape: Sequence[int],
+    channels_last: bool,
+    device: str = "cpu",
+    dtype: Any = None,
+) -> tuple[Callable[[], None], Any]:
+    """A compiled ``nn.BatchNorm2d`` step (forward + backward) and its input."""
+    import torch
+    from torch import nn
+
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    bn = nn.BatchNorm2d(shape[1]).to(device).train()
+    if backend == "inductor":
+        fn = torch.compile(bn)
+    else:
+        from ..backend import make_backend
+
+        fn = torch.compile(bn, backend=make_backend(options, inner="inductor"))
+
+    def step() -> None:
+        x.grad = None
+        fn(x).backward(dy)
+
+    return step, x
+
+
+def inductor_passes(
+    backend: str,
+    options: dict[str, Any] | None,
+    shape: Sequence[int],
+    channels_last: bool,
+    device: str = "cpu",
+) -> tuple[float, int]:
+    """Inductor's count for one BN layer, forward + backward: ``(passes, kernels)`` -- bytes
+    moved by its fused kernels / the activation's bytes, and the kernels it generated."""
+    import torch
+
+    torch._dynamo.reset()
+    with counting_bytes() as metrics:
+        step, x = _layer(backend, options, shape, channels_last, device)
+        step()
+        passes = metrics.num_bytes_accessed / (x.numel() * x.element_size())
+        kernels = metrics.generated_kernel_count
+    return passes, kernels
+
+
+def median_interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], None], rounds: int = 3
+) -> dict[str, float]:
+    """Median ms of each function: ``rounds`` rounds, each running every function once untimed
+    and then ``reps // rounds`` timed calls back to back."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(1, reps // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            sync()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _sync(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def layer_rows(
+    shapes: Sequence[Sequence[int]],
+    layouts: Sequence[str] = ("nchw", "cl"),
+    device: str = "cpu",
+    dtype: Any = None,
+    reps: int | None = None,
+    left: Callable[[], float] = lambda: math.inf,
+) -> list[dict[str, Any]]:
+    """One row per shape and layout: passes, kernels and median ms of each layer variant."""
+    import torch
+
+    rows = []
+    for shape in shapes:
+        for layout in layouts:
+            if left() < 30:
+                rows.append({"shape": list(shape), "layout": layout, "skipped": "time budget"})
+                continue
+            cl = layout == "cl"
+            steps: dict[str, Callable[[], None]] = {}
+            counts: dict[str, dict[str, float]] = {}
+            numel = 0
+            for label, backend, options in LAYER_VARIANTS:
+                torch._dynamo.reset()
+                with counting_bytes() as metrics:
+                    step, x = _layer(backend, options, shape, cl, device, dtype)
+                    step()  # compiles forward and backward
+                    numel = x.numel()
+                    passes = metrics.num_bytes_accessed / (numel * x.element_size())
+                    counts[label] = {
+                        "passes": round(passes, 3),
+                        "kernels": metrics.generated_kernel_count,
+                    }
+                steps[label] = step
+            n = reps or (9 if numel > 2e7 else (15 if numel > 5e6 else 30))
+            times = median_interleaved(steps, n, _sync(device))
+            base = times[LAYER_VARIANTS[0][0]]
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "layout": layout,
+                    "variants": {
+                        k: {**counts[k], "ms": round(v, 4), "ratio": round(v / base, 3)}
+                        for k, v in times.items()
+                    },
+                }
+            )
+            steps.clear()
+            torch._dynamo.reset()
+    return rows
+
+
+def affine_only_(model: Any) -> Any:
+    """Replace every BatchNorm of ``model`` in place by ``y = x * w + b`` per channel (its own
+    parameters, no statistics): the ceiling of any BN speed-up on the model."""
+    from torch import nn
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _affine_class()(child))
+        else:
+            affine_only_(child)
+    return model
+
+
+def _affine_class() -> Any:
+    import torch
+    from torch import nn
+
+    class Affine(nn.Module):
+        def __init__(self, bn: nn.Module) -> None:
+            super().__init__()
+            self.weight, self.bias = bn.weight, bn.bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            return x * self.weight.view(shape) + self.bias.view(shape)
+
+    return Affine
+
+
+def model_rows(
+    batch: int = 16,
+    size: int = 112,
+    steps: int = 9,
+    device: str = "cpu",
+    small: bool = False,
+) -> dict[str, Any]:
+    """One SGD step of ResNet-50 per variant (``MODEL_VARIANTS``), median ms and speed-ups
+    (bf16 autocast on CUDA, float32 on the CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..backend import make_backend
+    from .resnet50 import ResNet50, resnet50
+
+    fns: dict[str, Callable[[], None]] = {}
+    compile_s: dict[str, float] = {}
+    for label, kind, options in MODEL_VARIANTS:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = ResNet50(num_classes=10, layers=(1, 1, 1, 1)) if small else resnet50(10)
+        model = model.to(device).to(memory_format=torch.channels_last).train()
+        if kind == "affine":
+            affine_only_(model)
+        if kind == "backend":
+            runner = torch.compile(model, backend=make_backend(options, inner="inductor"))
+        else:
+            runner = torch.compile(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, size, size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 10, (batch,), device=device)
+
+        def step(runner: Any = runner, opt: Any = opt, x: Any = x, target: Any = target) -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = F.cross_entropy(runner(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        step()
+        _sync(device)()
+        compile_s[label] = round(time.perf_counter() - t0, 1)
+        fns[label] = step
+    times = median_interleaved(fns, steps, _sync(device))
+    base = times[MODEL_VARIANTS[0][0]]
+    return {
+        "batch": batch,
+        "size": size,
+        "variants": {
+            k: {"ms": round(v, 3), "speedup": round(base / v, 3), "first_step_s": compile_s[k]}
+            for k, v in times.items()
+        },
+    }
+
+
+def print_layer_rows(rows: list[dict[str, Any]]) -> None:
+    print(
+        "  compiled layer rows (forward + backward; passes = Inductor's bytes / activation "
+        "bytes; ratio = time / compiled BN):",
+        flush=True,
+    )
+    for row in rows:
+        text = "x".join(map(str, row["shape"])) + " " + row["layout"]
+        if "skipped" in row:
+            print(f"  {text:>22} | skipped ({row['skipped']})", flush=True)
+            continue
+        cells = [
+            f"{k} {v['passes']:.2f}p {v['kernels']}k {v['ms']:.3f} ms ({v['ratio']:.2f}x)"
+            for k, v in row["variants"].items()
+        ]
+        print(f"  {text:>22} | " + " | ".join(cells), flush=True)
+
+
+def print_model_rows(model: dict[str, Any]) -> None:
+    print(
+        f"  ResNet-50 SGD step (batch {model['batch']}, {model['size']}x{model['size']}, "
+        "channels-last, compiled; speed-up = compiled BN / variant):",
+        flush=True,
+    )
+    for k, v in model["variants"].items():
+        print(f"  {k:>26} | {v['ms']:.1f} ms | {v['speedup']:.3f}x", flush=True)

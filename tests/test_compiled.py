@@ -1,0 +1,237 @@
+"""The compiled lowering (issue 23): the estimator with a hand-written backward, for compilers.
+
+Exact tier: fixed sampling against the independent float64 reference (tests/reference.py; its
+gradient is autograd's through ``ref_batch_norm``); random sampling against the estimator's
+composite form with the same offsets (the same RNG state); ``gradcheck`` in float64. Every
+method, 1d/2d/3d, affine off, no running statistics, fp32/fp64/bf16, channels-last; then the
+same lowering under ``torch.compile`` (``aot_eager``: AOTAutograd traces the joint graph through
+it; Inductor for a few), and Inductor's own byte count of one layer (the fusion plan, not a time).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference import ref_batch_norm  # noqa: E402
+from test_eager import METHODS, SHAPES, TOL, VARIANTS, _inputs, _run  # noqa: E402
+
+import bnrewrite  # noqa: E402
+from bnrewrite import SamplingConfig  # noqa: E402
+from bnrewrite.compiled import compiled_sampled_batch_norm  # noqa: E402
+from bnrewrite.estimators import sampled_batch_norm as composite  # noqa: E402
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        scale = max(1.0, float(e.detach().double().abs().max()))
+        torch.testing.assert_close(
+            a.double(), e.detach().double(), rtol=tol, atol=tol * scale, msg=f"output {i}"
+        )
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("method,ratio", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_fixed_sampling_equals_the_reference(shape, method, ratio, dtype):
+    cfg = SamplingConfig(method, ratio=ratio, sampling="fixed")
+    x, w, b, rm, rv, dy = _inputs(shape, dtype)
+    rmr, rvr = rm.double().clone(), rv.double().clone()
+    got = _run(compiled_sampled_batch_norm, x, w, b, rm, rv, dy, cfg)
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    yr = ref_batch_norm(xr, wr, br, rmr, rvr, method, ratio, 0.1, 1e-5)
+    want = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.double()), rmr, rvr]
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("name,shape,variant", VARIANTS, ids=[f"{n}-{v}" for n, _, v in VARIANTS])
+@pytest.mark.parametrize("method,ratio", [*METHODS[:4], ("vdn", 1.0), ("fs_vdn", 1 / 4)])
+def test_random_sampling_equals_the_estimator(name, shape, variant, method, ratio):
+    """The same offsets: outputs, gradients and running statistics equal the composite
+    estimator's (autograd of its gather). ``vdn``/``fs_vdn``: the last rows are virtual."""
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float64
+    seed = 11 if variant == "seeded" else None
+    cfg = SamplingConfig(method, ratio=ratio, seed=seed)
+    results = []
+    for fn in (compiled_sampled_batch_norm, composite):
+        args = _inputs(
+            shape,
+            dtype,
+            affine=variant != "no-affine",
+            running=variant != "no-running",
+            channels_last=variant == "channels-last",
+        )
+        if seed is not None:
+            from bnrewrite import estimators
+
+            estimators._GENERATORS.clear()
+        torch.manual_seed(5)
+        results.append(_run(fn, *args, cfg))
+    _close(results[0], results[1], dtype)
+
+
+@pytest.mark.parametrize("method", ["bs", "fs", "ns", "vdn", "fs_vdn", "full"])
+@pytest.mark.parametrize("shape", [(8, 3, 4, 4), (16, 2, 5), (12, 3), (6, 2, 3, 3, 3)])
+def test_gradcheck(method, shape):
+    ratio = None if method in ("full", "vdn") else 0.25
+    cfg = SamplingConfig(method, ratio=ratio, min_count=4, vdn_samples=2)
+
+    def f(x, w, b):
+        torch.manual_seed(3)  # the same offsets at every evaluation
+        return compiled_sampled_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, config=cfg)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(shape[1], generator=g, dtype=torch.float64).add(0.5).requires_grad_(True)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("method", ["bs", "fs", "vdn"])
+def test_symbolic_sizes_use_the_mask_form(method):
+    """``dynamic=True`` (a symbolic sampled size): the backward's fix-up is the 0/1 mask form;
+    the compiled gradient equals the composite estimator's with the same offsets."""
+    cfg = SamplingConfig(method, ratio=0.25, min_count=4, vdn_samples=2)
+    x0 = torch.randn(12, 3, 5, 5, dtype=torch.float64)
+    dy = torch.randn_like(x0)
+
+    def run(fn):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = fn(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return y.detach(), dx
+
+    def layer(x):
+        return bnrewrite.sampled_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, config=cfg)
+
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    got = run(compiled)
+    want = run(lambda x: composite(x, None, None, None, None, True, 0.1, 1e-5, config=cfg))
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def _grad_fn_names(y: torch.Tensor) -> set[str]:
+    names, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_public_functional_takes_the_eager_lowering(monkeypatch):
+    """``from bnrewrite import sampled_batch_norm`` on an eager tensor of 64x64x28x28 runs the
+    eager lowering (native kernels; its backward node), below 1M elements the composite form."""
+    monkeypatch.delenv("BNREWRITE_EAGER", raising=False)
+    from bnrewrite import sampled_batch_norm
+
+    cfg = SamplingConfig("bs", ratio=1 / 8)
+    x = torch.randn(64, 64, 28, 28, requires_grad=True)
+    y = sampled_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, config=cfg)
+    assert "_EagerSampledBatchNormBackward" in _grad_fn_names(y)
+    small = torch.randn(8, 4, 3, 3, requires_grad=True)
+    y = sampled_batch_norm(small, None, None, None, None, True, 0.1, 1e-5, config=cfg)
+    assert not any("SampledBatchNorm" in n for n in _grad_fn_names(y))
+
+
+def test_compilers_take_the_compiled_lowering(monkeypatch):
+    """Under ``torch.compile`` (backend and ``convert_`` routes) the joint graph holds the
+    hand-written backward: its ``index_put`` fix-up, and no full-size scatter of the gather's
+    autograd (``scatter``/``index_add``/``new_zeros`` of the input's size)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def inner(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+
+        def keep(g, _inputs):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    cfg = SamplingConfig("bs", ratio=1 / 4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(16, 3, 8, 8)
+    for route in ("backend", "convert_"):
+        graphs.clear()
+        if route == "backend":
+            from bnrewrite.backend import make_backend
+
+            torch._dynamo.reset()
+            backend = make_backend(cfg, inner="eager")
+            rewritten = {}
+
+            def capture(gm, example_inputs, backend=backend, rewritten=rewritten):
+                backend(gm, example_inputs)
+                rewritten["gm"] = gm
+                return inner(gm, example_inputs)
+
+            f = torch.compile(model, backend=capture)
+        else:
+            torch._dynamo.reset()
+            f = torch.compile(bnrewrite.convert_(nn.Sequential(*model), cfg), backend=inner)
+        f(x).sum().backward()
+        backward = graphs[-1]
+        targets = [str(n.target) for n in backward.graph.nodes if n.op == "call_function"]
+        assert any("index_put" in t for t in targets), (route, targets)
+        assert not any("scatter" in t or "index_add" in t for t in targets), (route, targets)
+
+
+@pytest.mark.slow
+@torch._inductor.config.patch(fallback_random=True)
+def test_inductor_matches_the_estimator():
+    """Inductor compiles the lowering (bs channels-last, fs NCHW) and gives the composite
+    estimator's outputs, gradients and running statistics (``fallback_random``: Inductor draws
+    the offsets from torch's RNG, as eager code does)."""
+    for method, shape, cl in [("bs", (16, 8, 6, 6), True), ("fs", (8, 4, 8, 8), False)]:
+        cfg = SamplingConfig(method, ratio=1 / 4, min_count=4)
+        torch._dynamo.reset()
+        results = []
+        for compiled in (True, False):
+            x, w, b, rm, rv, dy = _inputs(shape, torch.float32, channels_last=cl)
+
+            def layer(x, w, b, rm=rm, rv=rv, cfg=cfg):
+                return bnrewrite.sampled_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, config=cfg)
+
+            fn = torch.compile(layer, backend="inductor") if compiled else layer
+            torch.manual_seed(4)
+            y = fn(x, w, b)
+            grads = torch.autograd.grad(y, (x, w, b), dy)
+            results.append([y, *grads, rm, rv])
+        _close(results[0], results[1], torch.float32)
+
+
+# -- Inductor's byte count of one layer, forward + backward ---------------------------------------
+
+#: Upper bounds of Inductor's count (passes over the activation) measured on torch 2.13 (CPU).
+#: Before this lowering: bs 11.75, fs 12.5-13.0, full 11.0 (compiled BN: 8.0). The acceptance
+#: aim of issue 23 is 6.5 (docs/architecture.md says what keeps the C++ backend above it).
+PASSES = {"bs": 7.55, "fs": 7.45}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 64, 28, 28)], ids=["32x64", "64x64"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inductor_byte_count(shape, layout):
+    from bnrewrite.apps.bench_compiled import inductor_passes
+
+    cl = layout == "channels_last"
+    bn = inductor_passes("inductor", None, shape, cl)
+    full = inductor_passes("bnrewrite", {"method": "full"}, shape, cl)
+    assert bn[0] == pytest.approx(8.0, abs=0.01)
+    assert full[0] <= bn[0] + 1e-6, (full, bn)
+    for method, bound in PASSES.items():
+        passes, kernels = inductor_passes("bnrewrite", {"method": method}, shape, cl)
+        assert passes <= bound, (method, passes, kernels)
