@@ -10,6 +10,9 @@
 #   step (compiled plain BN vs backend="bnrewrite" lowering="kernels" BS 1/8 vs the fused modules),
 #   then, within its budget, torch.compile'd BN
 #   rows, the other ResNet-50 variants and tuning -> $OUT/bench_h200.json, $OUT/bench.txt;
+#   then `bnrewrite bench --sections compiled --no-e2e` (issue 23: Inductor's passes, kernels and
+#   time of compiled BN vs the backend's full / bs / fs / ns, per shape, NCHW and channels-last,
+#   bf16) -> $OUT/bench_compiled.json, $OUT/bench_compiled.txt;
 #   then tests/test_kernels.py and tests/test_lowering_kernels.py on CUDA with the time left
 #   -> $OUT/pytest_kernels.txt; the one-NCCL-rank SampledSyncBatchNorm test -> $OUT/pytest_nccl.txt;
 #   $OUT/BENCHMARKS_run.md is the section to paste into BENCHMARKS.md.
@@ -51,10 +54,15 @@ if [ "$MODE" = "extra" ]; then
   exit 0
 fi
 
-BENCH_BUDGET=$(( TOTAL - 60 - ($(date +%s) - START) ))
+BENCH_BUDGET=$(( TOTAL - 165 - ($(date +%s) - START) ))
 echo "== bnrewrite bench (budget ${BENCH_BUDGET} s)"
 "$PY" -m bnrewrite bench --out "$OUT/bench_h200.json" --budget-s "$BENCH_BUDGET" 2>&1 | tee "$OUT/bench.txt"
 echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
+
+echo "== bnrewrite bench --sections compiled: Inductor's byte count and time of compiled BN vs the backend's lowering (budget 100 s)"
+"$PY" -m bnrewrite bench --sections compiled --no-e2e --out "$OUT/bench_compiled.json" --budget-s 100 2>&1 \
+  | tee "$OUT/bench_compiled.txt"
+echo "bench compiled rc=${PIPESTATUS[0]}" | tee -a "$OUT/bench_compiled.txt"
 
 LEFT=$(( TOTAL - ($(date +%s) - START) ))
 if [ "$LEFT" -lt 45 ]; then LEFT=45; fi

@@ -175,9 +175,20 @@ def remember_rows(x: Tensor, memory: Tensor, filled: Tensor, cursor: Tensor) -> 
 
 
 def axis_indices(ax: SampledAxis, offsets: Tensor, column: int) -> Tensor:
-    """Indices along one sampled axis, ``(R, G, count)``: ``(offset + step * j) mod size``."""
+    """Indices along one sampled axis, ``(R, G, count)``: ``(offset + step * j) mod size``.
+
+    When the lattice covers the axis exactly (``step * count == size``, e.g. 28 = 4 * 7) the same
+    set is ``offset mod step + step * j`` in rotated order (with ``offset = q * step + r``,
+    ``(offset + step * j) mod size = r + step * ((q + j) mod count)``): an affine index with one
+    remainder per offset instead of one per element, which compiled code gathers faster.
+    """
     j = torch.arange(ax.count, device=offsets.device, dtype=torch.long)
-    return torch.remainder(offsets[..., column : column + 1] + ax.step * j, ax.size)
+    start = offsets[..., column : column + 1]
+    if all(isinstance(v, int) for v in (ax.size, ax.step, ax.count)) and (
+        ax.step * ax.count == ax.size and ax.step > 1
+    ):
+        return torch.remainder(start, ax.step) + ax.step * j
+    return torch.remainder(start + ax.step * j, ax.size)
 
 
 def gather_sample(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor:

@@ -215,23 +215,37 @@ def test_inductor_matches_the_estimator():
 
 # -- Inductor's byte count of one layer, forward + backward ---------------------------------------
 
-#: Upper bounds of Inductor's count (passes over the activation) measured on torch 2.13 (CPU).
-#: Before this lowering: bs 11.75, fs 12.5-13.0, full 11.0 (compiled BN: 8.0). The acceptance
-#: aim of issue 23 is 6.5 (docs/architecture.md says what keeps the C++ backend above it).
-PASSES = {"bs": 7.55, "fs": 7.45}
+#: Upper bounds of Inductor's count (passes over the activation) on torch 2.13, measured
+#: 2026-12-07. Before this lowering (C++ backend): bs 11.75, fs 12.5-13.0, full 11.0; compiled BN
+#: 8.0. Issue 23 asks for 6.5: met under Triton's fusion rules (the GPU's plan) for NCHW, and for
+#: fs in channels-last; not by the C++ backend (docs/architecture.md says why).
+CPP_PASSES = {"bs": 7.40, "fs": 7.32}
+TRITON_PLAN_PASSES = {
+    ("bs", "nchw"): 6.5,
+    ("fs", "nchw"): 6.5,
+    ("bs", "cl"): 6.65,
+    ("fs", "cl"): 6.5,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 64, 28, 28)], ids=["32x64", "64x64"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_inductor_byte_count(shape, layout):
-    from bnrewrite.apps.bench_compiled import inductor_passes
+    """The C++ backend's count (what the CPU runs) and Triton's plan of the same graphs."""
+    from bnrewrite.apps.bench_compiled import inductor_passes, triton_plan_passes
 
-    cl = layout == "channels_last"
+    cl = layout == "cl"
     bn = inductor_passes("inductor", None, shape, cl)
     full = inductor_passes("bnrewrite", {"method": "full"}, shape, cl)
     assert bn[0] == pytest.approx(8.0, abs=0.01)
     assert full[0] <= bn[0] + 1e-6, (full, bn)
-    for method, bound in PASSES.items():
-        passes, kernels = inductor_passes("bnrewrite", {"method": method}, shape, cl)
+    bn_plan = sum(triton_plan_passes("inductor", None, shape, cl))
+    full_plan = sum(triton_plan_passes("bnrewrite", {"method": "full"}, shape, cl))
+    assert bn_plan == pytest.approx(8.0, abs=0.01) and full_plan <= bn_plan + 1e-6
+    for method, bound in CPP_PASSES.items():
+        options = {"method": method}
+        passes, kernels = inductor_passes("bnrewrite", options, shape, cl)
         assert passes <= bound, (method, passes, kernels)
+        plan = sum(triton_plan_passes("bnrewrite", options, shape, cl))
+        assert plan <= TRITON_PLAN_PASSES[method, layout], (method, plan)

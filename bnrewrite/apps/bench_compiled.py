@@ -34,6 +34,7 @@ __all__ = [
     "LAYER_VARIANTS",
     "MODEL_VARIANTS",
     "inductor_passes",
+    "triton_plan_passes",
     "counting_bytes",
     "median_interleaved",
     "affine_only_",
@@ -152,6 +153,92 @@ def inductor_passes(
     return passes, kernels
 
 
+class _PlanCounted(Exception):
+    """Raised after the scheduler fused a graph: its count is taken, no code is generated."""
+
+
+def triton_plan_passes(
+    backend: str, options: dict[str, Any] | None, shape: Sequence[int], channels_last: bool
+) -> tuple[float, float]:
+    """Inductor's count of one BN layer under *Triton's* fusion rules, on the CPU without a GPU:
+    ``(forward passes, backward passes)``.
+
+    The layer's forward and backward graphs are captured through AOTAutograd (Inductor's
+    decompositions, ``fallback_random``) and lowered by Inductor with ``cpu_backend="triton"``;
+    after the scheduler has fused each graph, ``GraphLowering.count_bytes`` is read and code
+    generation is stopped (no Triton CPU driver is needed). This is the fusion plan a GPU gets
+    (``tests/test_compiled.py`` checks it; the GPU run measures the real one).
+    """
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch import nn
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor import config as inductor_config
+    from torch._inductor import scheduler as inductor_scheduler
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.virtualized import V
+
+    from ..backend import make_backend
+
+    graphs: list[Any] = []
+
+    def keep(gm: Any, _inputs: Any) -> Any:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def aot(gm: Any, inputs: Any) -> Any:
+        return aot_module_simplified(
+            gm, inputs, fw_compiler=keep, bw_compiler=keep, decompositions=select_decomp_table()
+        )
+
+    counted: list[int] = []
+
+    def count_and_stop(self: Any) -> None:
+        counted.append(V.graph.count_bytes()[0])
+        raise _PlanCounted
+
+    def real(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)
+        return t.normal_() if t.is_floating_point() else t.zero_()
+
+    saved = inductor_scheduler.Scheduler.codegen
+    torch._dynamo.reset()
+    with inductor_config.patch(cpu_backend="triton", fallback_random=True, fx_graph_cache=False):
+        bn = nn.BatchNorm2d(shape[1]).train()
+        x = torch.randn(tuple(shape))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        if backend == "inductor":
+            fn = torch.compile(bn, backend=aot)
+        else:
+            rewrite = make_backend(options, inner="eager")
+
+            def capture(gm: Any, inputs: Any) -> Any:
+                rewrite(gm, inputs)  # rewrites gm in place
+                return aot(gm, inputs)
+
+            fn = torch.compile(bn, backend=capture)
+        fn(x).backward(torch.randn_like(x))
+        inductor_scheduler.Scheduler.codegen = count_and_stop
+        try:
+            for i, gm in enumerate(graphs):
+                inputs = [real(n.meta["val"]) for n in gm.graph.nodes if n.op == "placeholder"]
+                try:
+                    compile_fx_inner(gm, inputs)
+                except Exception:  # Inductor wraps the stop in its own error
+                    if len(counted) != i + 1:  # failed before the scheduler: a real error
+                        raise
+        finally:
+            inductor_scheduler.Scheduler.codegen = saved
+    torch._dynamo.reset()
+    nbytes = x.numel() * x.element_size()
+    return counted[0] / nbytes, sum(counted[1:]) / nbytes
+
+
 def median_interleaved(
     fns: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], None], rounds: int = 3
 ) -> dict[str, float]:
@@ -209,6 +296,9 @@ def layer_rows(
                         "passes": round(passes, 3),
                         "kernels": metrics.generated_kernel_count,
                     }
+                if device == "cpu":  # the plan a GPU gets (Triton's fusion rules)
+                    fwd, bwd = triton_plan_passes(backend, options, shape, cl)
+                    counts[label]["passes_triton_plan"] = round(fwd + bwd, 3)
                 steps[label] = step
             n = reps or (9 if numel > 2e7 else (15 if numel > 5e6 else 30))
             times = median_interleaved(steps, n, _sync(device))
@@ -317,7 +407,8 @@ def model_rows(
 def print_layer_rows(rows: list[dict[str, Any]]) -> None:
     print(
         "  compiled layer rows (forward + backward; passes = Inductor's bytes / activation "
-        "bytes; ratio = time / compiled BN):",
+        "bytes, [T ...] the same under Triton's fusion rules (the GPU's plan), k = kernels; "
+        "ratio = time / compiled BN):",
         flush=True,
     )
     for row in rows:
@@ -326,7 +417,9 @@ def print_layer_rows(rows: list[dict[str, Any]]) -> None:
             print(f"  {text:>22} | skipped ({row['skipped']})", flush=True)
             continue
         cells = [
-            f"{k} {v['passes']:.2f}p {v['kernels']}k {v['ms']:.3f} ms ({v['ratio']:.2f}x)"
+            f"{k} {v['passes']:.2f}p"
+            + (f" [T {v['passes_triton_plan']:.2f}p]" if "passes_triton_plan" in v else "")
+            + f" {v['kernels']}k {v['ms']:.3f} ms ({v['ratio']:.2f}x)"
             for k, v in row["variants"].items()
         ]
         print(f"  {text:>22} | " + " | ".join(cells), flush=True)
