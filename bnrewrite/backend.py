@@ -5,7 +5,9 @@ be in the graph *before* autograd: the backend rewrites the Dynamo graph (``F.ba
 with the module's buffers as placeholders) with the FX pass (:mod:`bnrewrite.passes.fx`), then
 hands it to Inductor (or to ``aot_eager`` / ``eager``). The emitted node is the registered custom
 op ``bnrewrite::sampled_batch_norm`` (CompositeImplicitAutograd), so AOTAutograd decomposes it into
-aten ops, differentiates it, and both the AOTAutograd cache and the FX graph cache can hit.
+aten ops -- the compiled lowering (:mod:`bnrewrite.compiled`): the estimator's forward and a
+hand-written backward of one reduction pass, ``dx = w * rstd * dy`` and a fix-up of the sampled
+elements -- and both the AOTAutograd cache and the FX graph cache can hit.
 
 Entry points:
 

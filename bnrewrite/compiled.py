@@ -16,12 +16,13 @@ Backward (hand-written, the exact gradient of that forward; the eager lowering's
     the sums); then on the sampled elements only ``dx_a += g_mu + g_var * (x_a - mu)`` with
     ``g_mu = -s * Sdy / n`` and ``g_var = -s * rstd * Sdyx / n`` (the fix-up of
     :func:`bnrewrite.eager.fix_up`), an ``index_put(accumulate=True)`` whose gather of ``x`` and
-    scatter into ``dx`` touch the ``n`` sampled elements per channel; ``dw = Sdyx``,
+    scatter into ``dx`` touch the ``n`` sampled elements per channel (a plain scatter of
+    ``s * dy_a + fix`` in C++ code, :func:`_fix_up_at`); ``dw = Sdyx``,
     ``db = Sdy``. On CUDA the sums run in two stages (spatial dims, then rows) so that Triton's
     fusion rules can put them in the loop of ``dx`` (one pass reading ``dy`` and ``x``).
 
-Inductor's count (one layer, forward + backward, CPU, 64x64x28x28): ``bs`` 1/8 7.4 passes,
-``fs`` 1/16 7.2, ``full`` 8.0 = compiled BN. Autograd of the estimator's gather (the route
+Inductor's count (one layer, forward + backward, CPU, 64x64x28x28): ``bs`` 1/8 7.5 passes,
+``fs`` 1/16 7.36, ``full`` 8.0 = compiled BN. Autograd of the estimator's gather (the route
 before this module) was instead a scatter into a zero-filled tensor of the input's full size, an
 ``index_put`` over it and a re-read: 11.75 / 12.5 / 11.0 passes. What keeps the C++ backend above
 the 6.1 of the floor: it fuses the ``dx`` pass with the sums only when their loops are identical
@@ -111,13 +112,24 @@ def _channel_sum(t: Tensor, two_stage: bool) -> Tensor:
     return t.sum(_channel_dims(t))
 
 
-def _fix_up_at(dx: Tensor, xs: Tensor, index: tuple[Tensor, ...], coef: Any) -> Tensor:
-    """``dx[index] += g_mu + g_var * (xs - mu)`` with ``xs = x[index]``: a scatter-add of a
-    sample-sized tensor (the indices are distinct; the add reads no ``dy``)."""
-    g_mu, g_var, mu = coef
+def _fix_up_at(
+    dx: Tensor, dy: Tensor, xs: Tensor, index: tuple[Tensor, ...], coef: Any, add: bool
+) -> Tensor:
+    """The fix-up of the sampled elements ``index`` (distinct), ``xs = x[index]``.
+
+    ``add``: ``dx[index] += g_mu + g_var * (xs - mu)``, a scatter-add that reads no ``dy``
+    (Triton code: atomic adds to distinct addresses). Otherwise ``dx[index] = s * dy[index] +
+    g_mu + g_var * (xs - mu)``, a plain scatter: Inductor 2.13's C++ backend miscomputes the
+    addresses of a vectorised atomic add inside a transposed (channels-last to NCHW) tile and
+    writes out of bounds (seen with fixed ``fs`` under the pre-grad pass), so CPU code stores.
+    """
+    s, g_mu, g_var, mu = coef
     shape = _bshape(xs)
     val = g_mu.view(shape) + g_var.view(shape) * (xs.to(mu.dtype) - mu.view(shape))
-    return torch.index_put(dx, index, val.to(dx.dtype), accumulate=True)
+    if add:
+        return torch.index_put(dx, index, val.to(dx.dtype), accumulate=True)
+    val = val + dy[index].to(mu.dtype) * s.view(shape)
+    return torch.index_put(dx, index, val.to(dx.dtype))
 
 
 def _virtual_index(plan: SamplePlan, x: Tensor) -> tuple[Tensor, ...]:
@@ -167,9 +179,9 @@ class _SampledBatchNorm(torch.autograd.Function):
         s = rstd if weight is None else rstd * weight.to(acc)
         dyf = dy.to(acc)
         xmu = x.to(acc) - mean.view(shape)
-        two_stage = _triton_codegen(x)
-        sdy = _channel_sum(dyf, two_stage)
-        sdyx = _channel_sum(dyf * xmu, two_stage) * rstd  # sum dy * xh
+        triton = _triton_codegen(x)
+        sdy = _channel_sum(dyf, triton)
+        sdyx = _channel_sum(dyf * xmu, triton) * rstd  # sum dy * xh
         dx = None
         if ctx.needs_input_grad[0]:
             n = plan.count()
@@ -179,13 +191,13 @@ class _SampledBatchNorm(torch.autograd.Function):
                 dx = (dyf * s.view(shape) + _mask(x, plan, offsets) * fix).to(x.dtype)
             else:
                 dx = (dyf * s.view(shape)).to(x.dtype)
-                coef = (g_mu, g_var, mean)
+                coef = (s, g_mu, g_var, mean)
                 if plan.include_real:
                     index = sample_index(plan, offsets, x.device)
-                    dx = _fix_up_at(dx, x[index], index, coef)
+                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton)
                 if plan.virtual_rows:
                     index = _virtual_index(plan, x)
-                    dx = _fix_up_at(dx, x[index], index, coef)
+                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton)
         dw = sdyx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = (
             sdy.to(ctx.bias_dtype)

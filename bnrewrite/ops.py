@@ -5,9 +5,12 @@ made of hashable ``OpOverload`` targets (AOTAutograd's cache refuses graphs that
 functions) and every lowering computes exactly :func:`bnrewrite.estimators.sampled_batch_norm`.
 
 Both ops are registered as ``CompositeImplicitAutograd``: their implementation is the estimator
-itself, so they decompose into aten ops under AOTAutograd / ``make_fx`` / fake tensors (no
+through :func:`bnrewrite.eager.sampled_batch_norm`, which picks its lowering for the context (the
+eager lowering without a compiler; under AOTAutograd the compiled lowering of
+:mod:`bnrewrite.compiled`, whose hand-written backward is traced as aten ops; the composite form
+otherwise), so they decompose into aten ops under AOTAutograd / ``make_fx`` / fake tensors (no
 separate meta kernel is needed, and Inductor sees ordinary reductions it can fuse) and their
-gradient is autograd's exact gradient of the sampled forward.
+gradient is the exact gradient of the sampled forward.
 
     sampled_batch_norm(input, weight, bias, running_mean!, running_var!, training, momentum, eps,
                        config) -> y
