@@ -221,7 +221,16 @@ def _custom_graph_pass_base() -> type:
     return CustomGraphPass
 
 
-_SOURCES = ("config.py", "plan.py", "estimators.py", "modules.py", "ops.py", "backend.py")
+_SOURCES = (
+    "config.py",
+    "plan.py",
+    "estimators.py",
+    "eager.py",
+    "compiled.py",
+    "modules.py",
+    "ops.py",
+    "backend.py",
+)
 _KERNEL_SOURCES = ("kernels/ops.py", "kernels/triton_kernels.py", "kernels/modules.py")
 
 
