@@ -675,8 +675,18 @@ def rewrite_graph(
 
 
 # -- entry point --------------------------------------------------------------------------------
+def copy_program(ep: Any) -> Any:
+    """A deep copy of ``ep``: graph, parameters, buffers and constants (the returned program
+    trains its own tensors; the input program is never modified). torch's own
+    ``FutureWarning`` about ``LeafSpec``, raised while its tree specs are copied, is not the
+    user's to act on and is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(ep)
+
+
 def _rewrite_exported(ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any]) -> Any:
-    ep = copy.deepcopy(ep)
+    ep = copy_program(ep)
     gm = ep.graph_module
     sig = {}
     for spec in ep.graph_signature.input_specs:

@@ -101,3 +101,41 @@ def test_bench_interpreted_kernels(tmp_path):
     assert data["checks"] and all(c["ok"] and c["kernels_used"] for c in data["checks"])
     times = data["layers"][0]["times"]
     assert times["kernels bs 1/8"]["ms"] > 0 and times["kernels fs 1/16"]["ms"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_section_small(tmp_path, capsys):
+    """``bnrewrite bench --sections compiled --small``: one layer shape, both layouts, every
+    variant with Inductor's passes (and Triton's plan on the CPU), kernels and times side by
+    side; the ResNet-50 rows with the no-statistics ceiling; the summary script reads the JSON."""
+    out = tmp_path / "compiled.json"
+    rc = main(["bench", "--device", "cpu", "--sections", "compiled", "--small", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["compiled"]["layers"]
+    assert [r["layout"] for r in rows] == ["nchw", "cl"]
+    for row in rows:
+        v = row["variants"]
+        assert list(v) == ["compiled BN", "full", "bs 1/8", "fs 1/16", "ns 1/8"]
+        assert v["compiled BN"]["ratio"] == 1.0 and v["compiled BN"]["passes"] == pytest.approx(
+            8, abs=0.05
+        )
+        assert all(
+            x["kernels"] > 0 and x["ms"] > 0 and "passes_triton_plan" in x for x in v.values()
+        )
+        assert v["bs 1/8"]["passes"] < v["compiled BN"]["passes"]
+    model = result["compiled"]["model"]["variants"]
+    assert set(model) == {
+        "compiled BN",
+        "backend bs 1/8",
+        "backend fs 1/16",
+        "no statistics (ceiling)",
+    }
+    assert "passes" in capsys.readouterr().out
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compiled_summary.py"), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| 16x8x8x8 | nchw |" in summary and "no statistics (ceiling)" in summary

@@ -488,3 +488,20 @@ def test_rewrite_of_a_single_batchnorm_layer(cls) -> None:
     want = reference_batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.1, 1e-5, "bs", 0.5)
     torch.testing.assert_close(gm(x), want)
     torch.testing.assert_close(bn.running_var, rv)
+
+
+def test_rewrite_of_a_program_warns_nothing_and_owns_its_tensors() -> None:
+    """``rewrite(ep)`` raises no torch ``FutureWarning`` (``LeafSpec``, from copying the program)
+    and returns a program with its own copy of the parameters and buffers: training it leaves
+    the input program's tensors as they were (README, "What rewrite gives you")."""
+    import warnings
+
+    ep = _exported("resnet_bottleneck", False)
+    before = {k: v.detach().clone() for k, v in ep.state_dict.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ep2 = bnrewrite.rewrite(ep, FIXED["bs"])
+    assert all(ep2.state_dict[k] is not v for k, v in ep.state_dict.items())
+    run_steps(ep2.module(), zoo_entry("resnet_bottleneck").example_input, eval_call=False)
+    for k, v in ep.state_dict.items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)

@@ -433,23 +433,12 @@ EAGER_METHODS = [
 
 def _median_interleaved(
     fns: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], None], rounds: int = 3
-):
-    """Median ms of each function over ``rounds`` rounds; in a round each function runs one
-    warm-up call and then ``reps // rounds`` timed calls back to back. Rounds alternate between
-    the variants, so that a noisy, shared machine slows every variant alike, while back-to-back
-    calls keep one variant's allocations from disturbing the next one's timing."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    per_round = max(1, reps // rounds)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            sync()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+) -> dict[str, float]:
+    """:func:`bnrewrite.apps.bench_compiled.median_interleaved` (rounds that alternate between
+    the variants, back-to-back timed calls within a round)."""
+    from .bench_compiled import median_interleaved
+
+    return median_interleaved(fns, reps, sync, rounds)
 
 
 def _eager_table(args: Any, ctx: dict[str, Any], budget: _Budget, result: dict[str, Any]) -> None:

@@ -242,8 +242,10 @@ def triton_plan_passes(
 def median_interleaved(
     fns: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], None], rounds: int = 3
 ) -> dict[str, float]:
-    """Median ms of each function: ``rounds`` rounds, each running every function once untimed
-    and then ``reps // rounds`` timed calls back to back."""
+    """Median ms of each function over ``rounds`` rounds; in a round each function runs one
+    warm-up call and then ``reps // rounds`` timed calls back to back. Rounds alternate between
+    the variants, so that a noisy, shared machine slows every variant alike, while back-to-back
+    calls keep one variant's allocations from disturbing the next one's timing."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     per_round = max(1, reps // rounds)
     for _ in range(rounds):
