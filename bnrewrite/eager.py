@@ -23,8 +23,9 @@ The fix-up writes only the ``n`` sampled elements per channel, through the same 
 estimator gathers (:func:`sample_index`). Offsets are device tensors: no host synchronisation.
 
 Where it runs. :func:`sampled_batch_norm` picks this lowering for plain tensors outside any tracer
-(``torch.compile``, ``torch.export``, ``make_fx``, FX tracing) and otherwise the estimator's aten
-form, which the compilers fuse themselves: ``SampledBatchNormNd`` modules, the FX pass's
+(``torch.compile``, ``torch.export``, ``make_fx``, FX tracing); under a tracer that differentiates
+it picks the compiled lowering (:mod:`bnrewrite.compiled`), and otherwise the estimator's
+composite aten form: ``SampledBatchNormNd`` modules, the FX pass's
 ``bnrewrite::sampled_batch_norm`` op run eagerly, and ``bnrewrite.sampled_batch_norm`` users all get
 it, for inputs of at least ``EAGER_MIN_NUMEL`` (1M) elements; smaller ones are launch-bound either
 way and keep the composite form. ``BNREWRITE_EAGER=0`` turns it off (the estimator's composite

@@ -145,7 +145,8 @@ def test_public_functional_takes_the_eager_lowering(monkeypatch):
 
 
 def test_compilers_take_the_compiled_lowering(monkeypatch):
-    """Under ``torch.compile`` (backend and ``convert_`` routes) the joint graph holds the
+    """Under ``torch.compile`` (backend, ``convert_`` and rewritten-graph routes) the joint graph
+    holds the
     hand-written backward: its ``index_put`` fix-up, and no full-size scatter of the gather's
     autograd (``scatter``/``index_add``/``new_zeros`` of the input's size)."""
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -164,7 +165,7 @@ def test_compilers_take_the_compiled_lowering(monkeypatch):
     cfg = SamplingConfig("bs", ratio=1 / 4)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     x = torch.randn(16, 3, 8, 8)
-    for route in ("backend", "convert_"):
+    for route in ("backend", "convert_", "rewrite"):
         graphs.clear()
         if route == "backend":
             from bnrewrite.backend import make_backend
@@ -179,9 +180,12 @@ def test_compilers_take_the_compiled_lowering(monkeypatch):
                 return inner(gm, example_inputs)
 
             f = torch.compile(model, backend=capture)
-        else:
+        elif route == "convert_":
             torch._dynamo.reset()
             f = torch.compile(bnrewrite.convert_(nn.Sequential(*model), cfg), backend=inner)
+        else:  # a rewritten GraphModule, compiled
+            torch._dynamo.reset()
+            f = torch.compile(bnrewrite.rewrite(model, cfg), backend=inner)
         f(x).sum().backward()
         backward = graphs[-1]
         targets = [str(n.target) for n in backward.graph.nodes if n.op == "call_function"]
@@ -249,3 +253,29 @@ def test_inductor_byte_count(shape, layout):
         assert passes <= bound, (method, passes, kernels)
         plan = sum(triton_plan_passes("bnrewrite", options, shape, cl))
         assert plan <= TRITON_PLAN_PASSES[method, layout], (method, plan)
+
+
+@pytest.mark.slow
+def test_pre_grad_pass_takes_the_compiled_lowering():
+    """``backend="inductor"`` with ``SampledBatchNormPass`` as the pre-grad pass: Inductor's
+    backward graph (seen by a post-grad pass) holds the fix-up's ``index_put`` and no full-size
+    scatter of the gather's autograd."""
+    from bnrewrite.backend import SampledBatchNormPass
+
+    seen: list[list[str]] = []
+
+    def post_grad(graph: torch.fx.Graph) -> None:
+        seen.append([str(n.target) for n in graph.nodes if n.op == "call_function"])
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    torch._dynamo.reset()
+    patches = {
+        "pre_grad_custom_pass": SampledBatchNormPass(SamplingConfig("bs", ratio=1 / 4)),
+        "post_grad_custom_post_pass": post_grad,
+        "fx_graph_cache": False,
+    }
+    with torch._inductor.config.patch(patches):
+        torch.compile(model, backend="inductor")(torch.randn(16, 3, 8, 8)).sum().backward()
+    backward = seen[-1]
+    assert any("index_put" in t for t in backward), backward
+    assert not any("scatter" in t or "index_add" in t for t in backward), backward
