@@ -83,15 +83,6 @@ def _channel_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
-def _channel_sum(t: Tensor) -> Tensor:
-    """Per-channel sum in two stages, over the spatial dims of every row, then over the rows:
-    the first stage iterates like the pointwise ``dx`` (row by row), so Inductor runs both in
-    one loop over the rows (one read of ``dy`` and ``x`` for the sums and ``dx``)."""
-    if t.dim() > 2:
-        t = t.sum(list(range(2, t.dim())))
-    return t.sum(0)
-
-
 def _triton_codegen(x: Tensor) -> bool:
     """Inductor generates Triton code for ``x``'s device: any GPU, or the CPU with
     ``torch._inductor.config.cpu_backend = "triton"``."""
@@ -106,7 +97,8 @@ def _channel_sum(t: Tensor, two_stage: bool) -> Tensor:
     """Per-channel sum; ``two_stage``: over each row's spatial dims, then over the rows. Triton's
     fusion rules (GPU) then run the sums in the loop of the pointwise ``dx``, whose iteration
     ``(N * C, *S)`` the first stage shares (one read of ``dy`` and ``x`` for both); Inductor's
-    C++ backend fuses the one-stage form better (measured: 7.4 against 8.4 passes for bs NCHW)."""
+    C++ backend fuses the one-stage form better (measured, bs 1/8 NCHW 64x64x28x28: 7.5 against
+    8.5 passes; under Triton's plan 6.4 against 7.5)."""
     if two_stage and t.dim() > 2:
         return t.sum(list(range(2, t.dim()))).sum(0)
     return t.sum(_channel_dims(t))
