@@ -104,8 +104,10 @@ def _layer(
     channels_last: bool,
     device: str = "cpu",
     dtype: Any = None,
+    inner: Any = "inductor",
 ) -> tuple[Callable[[], None], Any]:
-    """A compiled ``nn.BatchNorm2d`` step (forward + backward) and its input."""
+    """A compiled ``nn.BatchNorm2d`` step (forward + backward) and its input. ``inner``: what
+    compiles the (rewritten) Dynamo graph -- Inductor, or a backend callable."""
     import torch
     from torch import nn
 
@@ -120,11 +122,21 @@ def _layer(
         dy = dy.contiguous(memory_format=torch.channels_last)
     bn = nn.BatchNorm2d(shape[1]).to(device).train()
     if backend == "inductor":
-        fn = torch.compile(bn)
-    else:
+        fn = torch.compile(bn, backend=inner)
+    elif inner == "inductor":
         from ..backend import make_backend
 
         fn = torch.compile(bn, backend=make_backend(options, inner="inductor"))
+    else:
+        from ..backend import make_backend
+
+        rewrite = make_backend(options, inner="eager")
+
+        def rewrite_then(gm: Any, inputs: Any) -> Any:
+            rewrite(gm, inputs)  # rewrites gm in place
+            return inner(gm, inputs)
+
+        fn = torch.compile(bn, backend=rewrite_then)
 
     def step() -> None:
         x.grad = None
@@ -142,15 +154,28 @@ def inductor_passes(
 ) -> tuple[float, int]:
     """Inductor's count for one BN layer, forward + backward: ``(passes, kernels)`` -- bytes
     moved by its fused kernels / the activation's bytes, and the kernels it generated."""
+    _, passes, kernels = _counted_layer(backend, options, shape, channels_last, device)
+    return passes, kernels
+
+
+def _counted_layer(
+    backend: str,
+    options: dict[str, Any] | None,
+    shape: Sequence[int],
+    channels_last: bool,
+    device: str = "cpu",
+    dtype: Any = None,
+) -> tuple[Callable[[], None], float, int]:
+    """The layer's step, compiled (forward and backward) while Inductor counts: ``(step,
+    passes, kernels)``."""
     import torch
 
     torch._dynamo.reset()
     with counting_bytes() as metrics:
-        step, x = _layer(backend, options, shape, channels_last, device)
+        step, x = _layer(backend, options, shape, channels_last, device, dtype)
         step()
         passes = metrics.num_bytes_accessed / (x.numel() * x.element_size())
-        kernels = metrics.generated_kernel_count
-    return passes, kernels
+        return step, passes, metrics.generated_kernel_count
 
 
 class _PlanCounted(Exception):
@@ -171,15 +196,12 @@ def triton_plan_passes(
     """
     import torch
     from functorch.compile import make_boxed_func
-    from torch import nn
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor import config as inductor_config
     from torch._inductor import scheduler as inductor_scheduler
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.virtualized import V
-
-    from ..backend import make_backend
 
     graphs: list[Any] = []
 
@@ -207,22 +229,8 @@ def triton_plan_passes(
     saved = inductor_scheduler.Scheduler.codegen
     torch._dynamo.reset()
     with inductor_config.patch(cpu_backend="triton", fallback_random=True, fx_graph_cache=False):
-        bn = nn.BatchNorm2d(shape[1]).train()
-        x = torch.randn(tuple(shape))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        if backend == "inductor":
-            fn = torch.compile(bn, backend=aot)
-        else:
-            rewrite = make_backend(options, inner="eager")
-
-            def capture(gm: Any, inputs: Any) -> Any:
-                rewrite(gm, inputs)  # rewrites gm in place
-                return aot(gm, inputs)
-
-            fn = torch.compile(bn, backend=capture)
-        fn(x).backward(torch.randn_like(x))
+        step, x = _layer(backend, options, shape, channels_last, inner=aot)
+        step()  # captures the forward and backward graphs
         inductor_scheduler.Scheduler.codegen = count_and_stop
         try:
             for i, gm in enumerate(graphs):
@@ -286,22 +294,14 @@ def layer_rows(
             cl = layout == "cl"
             steps: dict[str, Callable[[], None]] = {}
             counts: dict[str, dict[str, float]] = {}
-            numel = 0
             for label, backend, options in LAYER_VARIANTS:
-                torch._dynamo.reset()
-                with counting_bytes() as metrics:
-                    step, x = _layer(backend, options, shape, cl, device, dtype)
-                    step()  # compiles forward and backward
-                    numel = x.numel()
-                    passes = metrics.num_bytes_accessed / (numel * x.element_size())
-                    counts[label] = {
-                        "passes": round(passes, 3),
-                        "kernels": metrics.generated_kernel_count,
-                    }
+                step, passes, kernels = _counted_layer(backend, options, shape, cl, device, dtype)
+                counts[label] = {"passes": round(passes, 3), "kernels": kernels}
                 if device == "cpu":  # the plan a GPU gets (Triton's fusion rules)
                     fwd, bwd = triton_plan_passes(backend, options, shape, cl)
                     counts[label]["passes_triton_plan"] = round(fwd + bwd, 3)
                 steps[label] = step
+            numel = math.prod(shape)
             n = reps or (9 if numel > 2e7 else (15 if numel > 5e6 else 30))
             times = median_interleaved(steps, n, _sync(device))
             base = times[LAYER_VARIANTS[0][0]]
