@@ -19,8 +19,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from reference import ref_batch_norm  # noqa: E402
-from test_eager import METHODS, SHAPES, TOL, VARIANTS, _inputs, _run  # noqa: E402
+from test_eager import (  # noqa: E402
+    METHODS,
+    SHAPES,
+    VARIANTS,
+    _inputs,
+    assert_close_outputs,
+    check_fixed_sampling,
+    check_random_sampling,
+)
 
 import bnrewrite  # noqa: E402
 from bnrewrite import SamplingConfig  # noqa: E402
@@ -28,27 +35,11 @@ from bnrewrite.compiled import compiled_sampled_batch_norm  # noqa: E402
 from bnrewrite.estimators import sampled_batch_norm as composite  # noqa: E402
 
 
-def _close(got, want, dtype):
-    tol = TOL[dtype]
-    for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        scale = max(1.0, float(e.detach().double().abs().max()))
-        torch.testing.assert_close(
-            a.double(), e.detach().double(), rtol=tol, atol=tol * scale, msg=f"output {i}"
-        )
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("method,ratio", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_fixed_sampling_equals_the_reference(shape, method, ratio, dtype):
-    cfg = SamplingConfig(method, ratio=ratio, sampling="fixed")
-    x, w, b, rm, rv, dy = _inputs(shape, dtype)
-    rmr, rvr = rm.double().clone(), rv.double().clone()
-    got = _run(compiled_sampled_batch_norm, x, w, b, rm, rv, dy, cfg)
-    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    yr = ref_batch_norm(xr, wr, br, rmr, rvr, method, ratio, 0.1, 1e-5)
-    want = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.double()), rmr, rvr]
-    _close(got, want, dtype)
+    check_fixed_sampling(compiled_sampled_batch_norm, shape, method, ratio, dtype)
 
 
 @pytest.mark.parametrize("name,shape,variant", VARIANTS, ids=[f"{n}-{v}" for n, _, v in VARIANTS])
@@ -56,25 +47,7 @@ def test_fixed_sampling_equals_the_reference(shape, method, ratio, dtype):
 def test_random_sampling_equals_the_estimator(name, shape, variant, method, ratio):
     """The same offsets: outputs, gradients and running statistics equal the composite
     estimator's (autograd of its gather). ``vdn``/``fs_vdn``: the last rows are virtual."""
-    dtype = torch.bfloat16 if variant == "bf16" else torch.float64
-    seed = 11 if variant == "seeded" else None
-    cfg = SamplingConfig(method, ratio=ratio, seed=seed)
-    results = []
-    for fn in (compiled_sampled_batch_norm, composite):
-        args = _inputs(
-            shape,
-            dtype,
-            affine=variant != "no-affine",
-            running=variant != "no-running",
-            channels_last=variant == "channels-last",
-        )
-        if seed is not None:
-            from bnrewrite import estimators
-
-            estimators._GENERATORS.clear()
-        torch.manual_seed(5)
-        results.append(_run(fn, *args, cfg))
-    _close(results[0], results[1], dtype)
+    check_random_sampling(compiled_sampled_batch_norm, shape, variant, method, ratio)
 
 
 @pytest.mark.parametrize("method", ["bs", "fs", "ns", "vdn", "fs_vdn", "full"])
@@ -214,7 +187,7 @@ def test_inductor_matches_the_estimator():
             y = fn(x, w, b)
             grads = torch.autograd.grad(y, (x, w, b), dy)
             results.append([y, *grads, rm, rv])
-        _close(results[0], results[1], torch.float32)
+        assert_close_outputs(results[0], results[1], torch.float32)
 
 
 # -- Inductor's byte count of one layer, forward + backward ---------------------------------------

@@ -64,19 +64,29 @@ def _run(fn, x, w, b, rm, rv, dy, cfg):
 @pytest.mark.parametrize("method,ratio", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_fixed_sampling_equals_the_reference(shape, method, ratio, dtype):
+    check_fixed_sampling(eager_sampled_batch_norm, shape, method, ratio, dtype)
+
+
+def assert_close_outputs(got, want, dtype):
+    tol = TOL[dtype]
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        scale = max(1.0, float(e.detach().double().abs().max()))
+        torch.testing.assert_close(
+            a.double(), e.detach().double(), rtol=tol, atol=tol * scale, msg=f"output {i}"
+        )
+
+
+def check_fixed_sampling(fn, shape, method, ratio, dtype):
+    """``fn`` (a lowering, ``F.batch_norm``'s arguments) with fixed sampling equals the float64
+    reference: output, input and parameter gradients, running statistics."""
     cfg = SamplingConfig(method, ratio=ratio, sampling="fixed")
     x, w, b, rm, rv, dy = _inputs(shape, dtype)
     rmr, rvr = rm.double().clone(), rv.double().clone()
-    got = _run(eager_sampled_batch_norm, x, w, b, rm, rv, dy, cfg)
+    got = _run(fn, x, w, b, rm, rv, dy, cfg)
     xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     yr = ref_batch_norm(xr, wr, br, rmr, rvr, method, ratio, 0.1, 1e-5)
     want = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.double()), rmr, rvr]
-    tol = TOL[dtype]
-    for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        scale = max(1.0, float(e.detach().abs().max()))
-        torch.testing.assert_close(
-            a.double(), e.detach(), rtol=tol, atol=tol * scale, msg=f"output {i}"
-        )
+    assert_close_outputs(got, want, dtype)
 
 
 VARIANTS = [
@@ -93,11 +103,16 @@ def test_random_sampling_equals_the_estimator(name, shape, variant, method, rati
     """The same offsets (the same RNG state, or the same seeded generator): the eager lowering's
     outputs, gradients and running statistics equal the composite estimator's. ``vdn``/``fs_vdn``:
     the input's last ``vdn_samples`` rows are the virtual rows (what the VDN pass feeds the op)."""
+    check_random_sampling(eager_sampled_batch_norm, shape, variant, method, ratio)
+
+
+def check_random_sampling(fn, shape, variant, method, ratio):
+    """``fn`` and the composite estimator, from the same random state, agree."""
     dtype = torch.bfloat16 if variant == "bf16" else torch.float64
     seed = 11 if variant == "seeded" else None
     cfg = SamplingConfig(method, ratio=ratio, seed=seed)
     results = []
-    for fn in (eager_sampled_batch_norm, composite):
+    for lowering in (fn, composite):
         args = _inputs(
             shape,
             dtype,
@@ -110,13 +125,8 @@ def test_random_sampling_equals_the_estimator(name, shape, variant, method, rati
 
             estimators._GENERATORS.clear()  # both start from the seeded generator's first draw
         torch.manual_seed(5)
-        results.append(_run(fn, *args, cfg))
-    tol = TOL[dtype]
-    for i, (a, e) in enumerate(zip(*results, strict=True)):
-        scale = max(1.0, float(e.detach().double().abs().max()))
-        torch.testing.assert_close(
-            a.double(), e.double(), rtol=tol, atol=tol * scale, msg=f"output {i}"
-        )
+        results.append(_run(lowering, *args, cfg))
+    assert_close_outputs(results[0], results[1], dtype)
 
 
 @pytest.mark.parametrize("method", ["bs", "fs", "ns"])
