@@ -54,6 +54,7 @@ __all__ = [
     "bnrewrite_backend",
     "make_backend",
     "parse_options",
+    "refuse_graph_break",
 ]
 
 log = logging.getLogger("bnrewrite")
@@ -148,6 +149,34 @@ def _cpp_workarounds(configs: Sequence[SamplingConfig] | None = None) -> dict[st
     return {"cpp.simdlen": 1}
 
 
+def refuse_graph_break(gm: fx.GraphModule) -> None:
+    """VDN under the backend needs the model's forward in one Dynamo graph: the virtual rows must
+    enter with the inputs and leave with the outputs. A graph that ends at a graph break (Dynamo's
+    ``compile_subgraph_reason``) is refused, naming the user's line where Dynamo broke it."""
+    from .passes.vdn import BatchMixingError
+
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return
+    stack = list(getattr(reason, "user_stack", None) or [])
+    where = (
+        f" at {stack[-1].filename}:{stack[-1].lineno} ({(stack[-1].line or '').strip()})"
+        if stack
+        else ""
+    )
+    why = (str(reason.reason).strip().splitlines() or [""])[0]
+    raise BatchMixingError(
+        "graph break",
+        "torch.compile",
+        f"is where Dynamo broke the model's graph{where}: {why}. VDN carries virtual "
+        f"rows through one whole graph, and after a break they would start again from an "
+        f"intermediate tensor. Remove the graph break (torch._dynamo.explain(model)(x) lists "
+        f"them), or rewrite the model with bnrewrite.rewrite(model, cfg, example_inputs=(x,)), "
+        f"which captures it in one graph with torch.export; with 'fs_vdn', method 'fs' needs "
+        f"no whole graph",
+    )
+
+
 def make_backend(
     config: SamplingConfig | Mapping[str, Any] | str | None = None,
     *,
@@ -175,6 +204,8 @@ def make_backend(
         filters = {"include": include, "exclude": exclude, "overrides": overrides}
         if cfg.uses_virtual_rows:  # virtual rows travel through the whole graph
             from .passes.vdn import rewrite_vdn
+
+            refuse_graph_break(gm)
 
             gm, report = rewrite_vdn(gm, cfg, inplace=True, return_report=True, **filters)
         else:

@@ -68,6 +68,9 @@ from bnrewrite.ops import (
 )
 from bnrewrite.plan import sample_plan
 
+from .capture import CapturedModel
+from .capture import capture as capture_model
+
 __all__ = [
     "LOWERINGS",
     "BatchNormSite",
@@ -685,8 +688,11 @@ def copy_program(ep: Any) -> Any:
         return copy.deepcopy(ep)
 
 
-def _rewrite_exported(ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any]) -> Any:
-    ep = copy_program(ep)
+def _rewrite_exported(
+    ep: Any, cfg: SamplingConfig, kwargs: dict[str, Any], *, copy_first: bool = True
+) -> Any:
+    if copy_first:
+        ep = copy_program(ep)
     gm = ep.graph_module
     sig = {}
     for spec in ep.graph_signature.input_specs:
@@ -715,8 +721,12 @@ def shape_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` (graph, code generator, meta) whose parameters and buffers are ``gm``'s."""
-    new = copy.deepcopy(gm)
+    """A copy of ``gm`` (graph, code generator, meta) whose parameters and buffers are ``gm``'s
+    (torch's ``LeafSpec`` ``FutureWarning`` from copying an unlifted program's tree specs is
+    silenced, as in :func:`copy_program`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        new = copy.deepcopy(gm)
     pairs = zip(
         gm.named_modules(remove_duplicate=False),
         new.named_modules(remove_duplicate=False),
@@ -862,6 +872,7 @@ def rewrite(
     tracer_kwargs: Mapping[str, Any] | None = None,
     lowering: str = "torch",
     example_inputs: Sequence[Any] | None = None,
+    capture: str = "auto",
 ) -> Any:
     """Rewrite the training-mode BatchNorm of a model, a GraphModule or an ExportedProgram, node by
     node (every method but ``vdn`` / ``fs_vdn``, which need the whole graph:
@@ -872,6 +883,14 @@ def rewrite(
       ``model.parameters()`` trains it), and the model's modules are not modified. With
       ``inplace=True`` the model's own BN modules are swapped for their sampled twins (the model
       itself then samples). A model that is one BN layer is traced as ``gm.bn``.
+      A model ``symbolic_trace`` cannot trace (control flow on sizes, ``int()`` of a size, ...)
+      is captured with ``torch.export`` on ``example_inputs`` instead and comes back as a
+      :class:`~bnrewrite.passes.capture.CapturedModel` (the rewritten program in training mode,
+      the model's own forward in eval mode, the model's parameters, buffers and ``state_dict``
+      keys); without ``example_inputs`` it raises
+      :class:`~bnrewrite.passes.capture.UntraceableModelError`, naming the source line where
+      tracing stopped and the routes that work. ``capture``: ``"auto"`` (that), ``"fx"``
+      (``symbolic_trace`` only) or ``"export"`` (``torch.export`` always).
     * ``GraphModule`` -> ``GraphModule``: a new one over a copy of the graph, sharing parameters and
       buffers (``inplace=True``: the graph itself is rewritten).
     * ``torch.export.ExportedProgram`` -> ``ExportedProgram`` (always a copy: a program owns its
@@ -894,7 +913,8 @@ def rewrite(
     estimator as aten ops.
 
     ``example_inputs``: run the traced graph once on them (state restored) so that the report
-    knows each BN's input shape and lists the layers whose sample the floor raises.
+    knows each BN's input shape and lists the layers whose sample the floor raises (and the
+    inputs ``torch.export`` captures on, above).
     """
     cfg = SamplingConfig.coerce(config)
     check_lowering(lowering, cfg)
@@ -917,7 +937,25 @@ def rewrite(
         model = obj if inplace else share_structure(obj)
         if isinstance(model, nn.modules.batchnorm._BatchNorm):
             model = BatchNormRoot(model)
-        gm = fx.symbolic_trace(model, **dict(tracer_kwargs or {}))
+        captured = capture_model(
+            model, example_inputs=example_inputs, tracer_kwargs=tracer_kwargs, mode=capture
+        )
+        if not isinstance(captured, fx.GraphModule):  # an ExportedProgram
+            if inplace:
+                raise ValueError(
+                    f"inplace=True swaps the BatchNorm modules of a traced model, and "
+                    f"{type(obj).__name__} was captured with torch.export (symbolic_trace cannot "
+                    f"trace it); use bnrewrite.convert_(model, cfg) to make the model itself "
+                    f"sample, or drop inplace=True"
+                )
+            _, report = _rewrite_exported(
+                captured, cfg, {**opts, "lowering": lowering}, copy_first=False
+            )
+            result = CapturedModel(model, captured.module(), captured, report)
+            _warn_inference_only(report, type(obj).__name__)
+            _warn_patterns(report, include, exclude, overrides, f"this {type(obj).__name__}")
+            return (result, report) if return_report else result
+        gm = captured
         gm.training = model.training  # the flag only: a frozen BN inside stays in eval mode
         found = mode_following_nodes(model, gm, tracer_kwargs)
         follows = True if found is None else found

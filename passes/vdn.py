@@ -69,6 +69,8 @@ from bnrewrite.modules import share_structure
 from bnrewrite.ops import is_sampled_batch_norm_op
 from bnrewrite.plan import virtual_rows_for_floor
 
+from .capture import CapturedModel
+from .capture import capture as capture_model
 from .fx import (
     BatchNormRoot,
     RewriteReport,
@@ -248,11 +250,17 @@ class VDNReport:
     sliced_outputs: int = 0
     literal_sizes: list[str] = dataclasses.field(default_factory=list)  # nodes whose N became N+V
     bn: RewriteReport = dataclasses.field(default_factory=RewriteReport)
+    #: (BN name, k) for each BN whose input merges every sample into k rows (V * k virtual rows)
+    merged_rows: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
+        merged = "".join(
+            f"\n  {name}: input merges the batch, {k} rows per sample ({k} x virtual rows)"
+            for name, k in self.merged_rows
+        )
         return (
             f"bnrewrite VDN: {self.virtual_rows} {self.sampling} virtual row(s) appended to "
-            f"{self.batch_inputs}, {self.sliced_outputs} output(s) sliced\n{self.bn}"
+            f"{self.batch_inputs}, {self.sliced_outputs} output(s) sliced{merged}\n{self.bn}"
         )
 
 
@@ -386,8 +394,10 @@ def rewrite_vdn(
     batch_inputs: Sequence[str] | None = None,
     example_inputs: Sequence[Any] | None = None,
     virtual_moments: Any = None,
+    capture: str = "auto",
 ) -> Any:
-    """Apply VDN / FS+VDN to a whole model or graph; returns a ``GraphModule``.
+    """Apply VDN / FS+VDN to a whole model or graph; returns a ``GraphModule`` (a
+    :class:`~bnrewrite.passes.capture.CapturedModel` for a model captured with ``torch.export``).
 
     ``obj``: an ``nn.Module`` (traced with ``torch.fx.symbolic_trace`` on a copy of its module tree
     that shares its parameters and buffers; its own modules are never converted, ``inplace`` or
@@ -404,6 +414,8 @@ def rewrite_vdn(
     ``mean + std * z`` with ``z`` standard normal (per-feature moment-matched noise; default
     ``None``, plain standard normal). Raises :class:`BatchMixingError` (a ``ValueError``) naming the offending node
     when the graph cannot be proven batch-independent; the input is then left untouched.
+    ``capture`` as for :func:`bnrewrite.passes.fx.rewrite`: a model ``symbolic_trace`` cannot
+    trace is exported on ``example_inputs`` and VDN rewrites the program's aten graph.
     """
     cfg = SamplingConfig.coerce(config if config is not None else "vdn")
     if not cfg.uses_virtual_rows:
@@ -427,7 +439,24 @@ def rewrite_vdn(
         model = share_structure(obj)
         if isinstance(model, nn.modules.batchnorm._BatchNorm):
             model = BatchNormRoot(model)
-        gm = fx.symbolic_trace(model, **dict(tracer_kwargs or {}))
+        captured = capture_model(
+            model, example_inputs=example_inputs, tracer_kwargs=tracer_kwargs, mode=capture
+        )
+        if not isinstance(captured, fx.GraphModule):  # torch.export: VDN on its aten graph
+            gm, report = rewrite_vdn(
+                captured.module(),
+                cfg,
+                include=include,
+                exclude=exclude,
+                overrides=overrides,
+                return_report=True,
+                batch_inputs=batch_inputs,
+                virtual_moments=virtual_moments,
+            )
+            result = CapturedModel(model, gm, None, report.bn)
+            result.meta["bnrewrite_vdn"] = report
+            return (result, report) if return_report else result
+        gm = captured
         gm.training = model.training
         source_training = model.training
     else:
@@ -511,6 +540,10 @@ def rewrite_vdn(
     graph.erase_node(anchor)
     for site, chosen in analysis.bn:
         assert chosen is not None
+        k = analysis.rows_of(site.node)
+        if k != 1:  # the input merges each sample into k rows: the virtual ones are the last V * k
+            chosen = chosen.replace(vdn_samples=chosen.vdn_samples * k)
+            report.merged_rows.append((site.name, k))
         rewrite_node(gm, site, chosen, follow_module_training=traced)
         report.bn.rewritten.append((site.name, chosen.method))
     report.bn.skipped.extend(analysis.skipped)
@@ -562,7 +595,7 @@ def _virtual_rows_for_floor(
             continue
         shape = input_shape(site)
         if shape is not None and all(isinstance(d, int) for d in shape[2:]):
-            per_row = math.prod(shape[2:])
+            per_row = math.prod(shape[2:]) * analysis.rows_of(site.node)  # values per sample
         elif site.form == "module" and isinstance(
             site.node.graph.owning_module.get_submodule(str(site.node.target)), nn.BatchNorm1d
         ):

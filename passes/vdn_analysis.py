@@ -63,6 +63,11 @@ class Analysis:
     batch_size: Any  # N from the example values (int or SymInt), None when unknown
     outputs: list[fx.Node]  # batch-carrying output leaves
     specialized: bool
+    #: rows of dim 0 per sample where not 1 (a BN node here takes ``V * k`` virtual rows)
+    rows: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
+
+    def rows_of(self, node: fx.Node) -> int:
+        return self.rows.get(node, 1)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -203,6 +208,9 @@ class _Walk:
                 continue
             if node in sites:
                 result = self._batch_norm(node, sites[node])
+                x = node.args[0] if sites[node].form == "module" else sites[node].args.get("input")
+                if result and flow.rows_of(x) != 1:
+                    flow.rows[node] = flow.rows_of(x)  # statistics from the last V * k rows
             else:
                 if not any(flow.st(n) for n in node.all_input_nodes):
                     continue
@@ -220,19 +228,24 @@ class _Walk:
             batch_size=flow.batch_size,
             outputs=self.outputs,
             specialized=flow.specialized,
+            rows=flow.rows,
         )
 
     def _sanity(self, node: fx.Node) -> None:
-        """In graphs with example values, a batch-carrying node must have dim 0 == N."""
+        """In graphs with example values, a batch-carrying node must have dim 0 == N * k (``k``
+        rows per sample)."""
         flow = self.flow
         if flow.st(node) != BATCH or flow.batch_size is None:
             return
         shape = flow.shape(node)
-        if shape is not None and (not shape or not same_size(shape[0], flow.batch_size)):
+        k = flow.rows_of(node)
+        want = flow.batch_size * k
+        if shape is not None and (not shape or not same_size(shape[0], want)):
+            rows = "" if k == 1 else f" times its {k} rows per sample"
             flow.refuse(
                 node,
                 f"produces shape {list(shape)} from batch-carrying inputs, whose dim 0 is not "
-                f"the batch size {flow.batch_size}",
+                f"the batch size {flow.batch_size}{rows}",
             )
 
     def _output(self, node: fx.Node) -> None:
@@ -240,6 +253,12 @@ class _Walk:
 
         def visit(a: fx.Node) -> fx.Node:
             s = flow.st(a)
+            if s == BATCH and flow.rows_of(a) != 1:
+                flow.refuse(
+                    node,
+                    f"returns {a.name}, whose dim 0 merges the batch with other dims "
+                    f"({flow.rows_of(a)} rows per sample); return it split back to N rows",
+                )
             if s == BATCH:
                 if a not in self.outputs:
                     self.outputs.append(a)

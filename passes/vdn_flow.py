@@ -10,6 +10,16 @@ A node of the graph is in one of five *states* (or none: it does not depend on t
 ``BSHAPE``            a ``torch.Size`` whose item 0 is the batch size
 ====================  ========================================================================
 
+**Rows per sample.** A batch-carrying tensor may hold each sample in ``k`` consecutive rows of
+dim 0 (``BatchFlow.rows``, absent means ``k = 1``): ``flatten(0, 1)`` of ``(N, T, C)``,
+``reshape(N * T, C)``, ``x.view(-1, C)`` -- a row-major merge of the batch with the dims after it
+keeps every sample's values together, so row-wise ops still treat samples independently; the
+virtual rows are then the last ``V * k`` rows, and a BatchNorm over such a tensor takes its
+statistics there. A size may carry ``k`` too (``BSIZE`` with ``k``: the value ``N * k``). A
+reshape's ``k`` is its dim 0 divided by ``N`` (it must be a whole number: anything else cuts a
+sample across rows and is refused); a reshape back to ``N`` rows returns to ``k = 1``. Ops that
+combine batch-carrying values need the same ``k``; outputs need ``k = 1``.
+
 :class:`BatchFlow` holds the states, the literal edits ``N -> N + V`` the rewrite must make, and
 the checks every rule uses (:meth:`BatchFlow.check_dims`: a dim argument never names dim 0;
 :meth:`BatchFlow.check_broadcast`: broadcasting never reaches dim 0). A rule that cannot prove a
@@ -79,6 +89,12 @@ def same_size(a: Any, b: Any) -> bool:
     return False
 
 
+def _expr(size: Any) -> Any:
+    import sympy
+
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
 def describe(node: fx.Node) -> str:
     """``call_module layer1.0``, ``call_function aten.view.default``, ..., for error messages."""
     if node.op == "call_module":
@@ -108,6 +124,41 @@ class BatchFlow:
     specialized: bool  # the graph carries example values (shapes are known)
     state: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
     edits: list[tuple[fx.Node, Callable[[int], None]]] = dataclasses.field(default_factory=list)
+    #: rows of dim 0 per sample, where it is not 1 (see the module docstring)
+    rows: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
+
+    def rows_of(self, value: Any) -> int:
+        return self.rows.get(value, 1) if isinstance(value, fx.Node) else 1
+
+    def rows_per_sample(self, node: fx.Node, dim0: Any) -> int | None:
+        """``dim0 / N`` for a reshape of a batch-carrying tensor to ``dim0`` rows: a positive whole
+        number (a sample's values stay in ``k`` whole rows), else refused; ``None`` when ``N`` or
+        ``dim0`` is unknown."""
+        n = self.batch_size
+        if n is None or dim0 is None:
+            return None
+        if isinstance(n, int) and isinstance(dim0, int):
+            if n == 1 and dim0 != 1:
+                self.refuse(
+                    node,
+                    f"reshapes the batch to {dim0} rows, and with an example batch of one "
+                    f"sample the pass cannot tell merged batch rows from other dims; give "
+                    f"example inputs with 2 or more samples",
+                )
+            if dim0 > 0 and dim0 % n == 0:
+                return dim0 // n
+        elif isinstance(n, (int, torch.SymInt)) and isinstance(dim0, (int, torch.SymInt)):
+            import sympy
+
+            ratio = sympy.simplify(_expr(dim0) / _expr(n))
+            if ratio.is_Integer and int(ratio) > 0:
+                return int(ratio)
+        self.refuse(
+            node,
+            f"reshapes the batch ({n} samples) to {dim0} rows, not a whole number of rows per "
+            f"sample, which cuts samples across rows",
+        )
+        return None
 
     # -- reading --------------------------------------------------------------------------------
     def st(self, value: Any) -> str | None:
@@ -224,6 +275,15 @@ class BatchFlow:
                     f"batch-carrying but has a dim 0 of size {shape[0]} (a tensor tied to one "
                     f"batch size)",
                 )
+
+    def literal_rows(self, node: fx.Node, value: Any, rows: int) -> bool:
+        """A literal int equal to ``N * rows`` in the batch position of a shape-specialized graph."""
+        return (
+            self.specialized
+            and isinstance(value, int)
+            and isinstance(self.batch_size, int)
+            and value == self.batch_size * rows
+        )
 
     def literal_batch(self, node: fx.Node, value: Any, out_dim0: Any) -> bool:
         """A literal int in the batch position of a shape-specialized graph equal to N."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .vdn_flow import BATCH, BNTUPLE, BSHAPE, BSIZE, BTUPLE, BatchFlow, same_size, value_of
+from .vdn_flow import BATCH, BNTUPLE, BSHAPE, BSIZE, BTUPLE, BatchFlow, value_of
 
 __all__ = ["FAMILIES", "MODULE_FAMILIES", "Family", "apply_rule", "is_guard", "op_name"]
 
@@ -169,7 +169,6 @@ DIM_WISE: dict[str, tuple[int, tuple[str, ...], Any, bool]] = {
     "split": (2, ("dim",), 0, True),
     "split_with_sizes": (2, ("dim",), 0, True),
     "tensor_split": (2, ("dim",), 0, True),
-    "unflatten": (1, ("dim",), None, False),
     "diff": (2, ("dim",), -1, False),
     "sort": (1, ("dim",), -1, True),
     "argsort": (1, ("dim",), -1, False),
@@ -206,7 +205,52 @@ _META_METHODS = _names(
 # ---------------------------------------------------------------------------------------------
 # Handlers, one per family
 # ---------------------------------------------------------------------------------------------
+def _int_value(f: BatchFlow, value: Any) -> int | None:
+    """A plain int, or a non-batch node whose example value is an int; else ``None``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, fx.Node) and not f.st(value):
+        val = value_of(value)
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+    return None
+
+
+def _size_arithmetic(f: BatchFlow, node: fx.Node, name: str) -> str | None:
+    """``N * T`` and ``(N * T) // T``: the batch size times (or divided by) a known int is a size
+    with ``T`` rows per sample more (or fewer); ``None`` when ``node`` is not that."""
+    if name not in ("mul", "floordiv", "floor_divide") or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if f.st(a) != BSIZE and not (name == "mul" and f.st(b) == BSIZE):
+        return None
+    size, other = (a, b) if f.st(a) == BSIZE else (b, a)
+    c = _int_value(f, other)
+    if c is None or c <= 0:
+        if f.st(other):
+            return None
+        f.refuse(
+            node,
+            f"multiplies or divides the batch size by {getattr(other, 'name', other)!r}, whose "
+            f"value the pass does not know; capture the model with example inputs "
+            f"(rewrite(model, cfg, example_inputs=(x,)))",
+        )
+    k = f.rows_of(size)
+    if name == "mul":
+        f.rows[node] = k * c
+    elif k % c == 0:
+        f.rows[node] = k // c
+    else:
+        f.refuse(
+            node, f"divides the batch size by {c}, which does not divide its {k} rows per sample"
+        )
+    return BSIZE
+
+
 def _pointwise(f: BatchFlow, node: fx.Node, name: str) -> str:
+    sized = _size_arithmetic(f, node, name)
+    if sized is not None:
+        return sized
     args = f.tensor_args(node)
     f.check_not_size(node, args)
     if name in _NO_BROADCAST:
@@ -325,6 +369,46 @@ def _matmul(f: BatchFlow, node: fx.Node, name: str) -> str:
     return out
 
 
+def _einsum(f: BatchFlow, node: fx.Node, name: str) -> str:
+    """``einsum(eq, *operands)`` is per-sample when every batch-carrying operand's first subscript
+    is one letter ``b``, no other operand uses ``b``, and the output starts with ``b``."""
+    eq = f.arg(node, 0, ("equation",))
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        f.refuse(node, "uses an einsum equation without an explicit output (or with ...)")
+    lhs, out = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands):
+        f.refuse(node, "has an einsum equation whose terms do not match its operands")
+    f.check_not_size(node, [t for t in operands if isinstance(t, fx.Node)])
+    batch = {t[0] for t, x in zip(terms, operands) if f.st(x) == BATCH and t}
+    if len(batch) != 1:
+        f.refuse(node, "contracts batch-carrying operands over different first subscripts")
+    (b,) = batch
+    for t, x in zip(terms, operands):
+        if f.st(x) != BATCH and b in t:
+            f.refuse(node, f"uses the batch subscript {b!r} on the non-batch operand {x}")
+        if f.st(x) == BATCH and b in t[1:]:
+            f.refuse(node, f"repeats the batch subscript {b!r} inside an operand")
+    if not out.startswith(b) or b in out[1:]:
+        f.refuse(node, f"does not keep the batch subscript {b!r} first in its output {out!r}")
+    return BATCH
+
+
+def _unfold(f: BatchFlow, node: fx.Node, name: str) -> str:
+    """``F.unfold`` / ``F.fold`` (im2col, col2im) are per-sample; ``Tensor.unfold(dim, size,
+    step)`` is a dim-wise op that must not name the batch dim."""
+    im2col = name in ("fold", "im2col", "col2im") or (
+        node.op == "call_function"
+        and node.target in (torch.nn.functional.unfold, torch.nn.functional.fold)
+    )
+    if im2col:
+        return _per_sample(f, node, name)
+    return _dims(f, node, name, 1, ("dimension", "dim"), None, False)
+
+
 def _cat(f: BatchFlow, node: fx.Node, name: str) -> str:
     tensors = f.arg(node, 0, ("tensors",))
     if not isinstance(tensors, (list, tuple)):
@@ -358,10 +442,11 @@ def _sizes(node: fx.Node) -> list[Any]:
     return list(sizes)
 
 
-def _set_size0(node: fx.Node) -> Callable[[int], None]:
-    """The edit that writes ``new`` into the batch position of a shape argument."""
+def _set_size0(node: fx.Node, rows: int = 1) -> Callable[[int], None]:
+    """The edit that writes ``new * rows`` into the batch position of a shape argument."""
 
     def edit(new: int) -> None:
+        new = new * rows
         args = list(node.args)
         if len(args) == 2 and isinstance(args[1], (list, tuple)):
             seq = list(args[1])
@@ -390,6 +475,7 @@ def _view(f: BatchFlow, node: fx.Node, name: str) -> str | None:
         f.refuse(node, "reshapes a non-batch tensor with the batch size")
     sizes = _sizes(node)
     if len(sizes) == 1 and f.st(sizes[0]) == BSHAPE:
+        f.rows[node] = f.rows_of(sizes[0])
         return BATCH  # x.view(y.shape) with y batch-carrying
     if not sizes:
         f.refuse(node, "reshapes to a scalar")
@@ -400,14 +486,18 @@ def _view(f: BatchFlow, node: fx.Node, name: str) -> str | None:
     out = f.shape(node)
     inp = f.shape(x)
     if f.st(first) == BSIZE:
+        f.rows[node] = f.rows_of(first)  # view(N * T, ...): T rows per sample
         return BATCH
     if isinstance(first, fx.Node):
         f.refuse(node, f"reshapes with a computed batch-position size ({first.name})")
-    if out is not None and inp is not None and same_size(out[0], inp[0]):
-        if first == -1:
+    if out is not None and inp is not None:
+        k = f.rows_per_sample(node, out[0])
+        if k is not None and first == -1:
+            f.rows[node] = k
             return BATCH
-        if f.literal_batch(node, first, out[0]):
-            f.edits.append((node, _set_size0(node)))
+        if k is not None and f.literal_rows(node, first, k):
+            f.edits.append((node, _set_size0(node, k)))
+            f.rows[node] = k
             return BATCH
     if first == -1 and (out is None or inp is None):
         f.refuse(
@@ -425,6 +515,7 @@ def _view(f: BatchFlow, node: fx.Node, name: str) -> str | None:
 
 def _like(f: BatchFlow, node: fx.Node, name: str) -> str:
     other = f.arg(node, 1, ("other",))
+    f.rows[node] = f.rows_of(other)  # the shape donor's rows per sample
     if f.st(node.args[0]) == BATCH and f.st(other) == BATCH:
         return BATCH
     if name == "expand_as" and f.st(other) == BATCH:
@@ -480,7 +571,56 @@ def _flatten(f: BatchFlow, node: fx.Node, name: str) -> str:
     if f.norm_dim(node, start, rank) == 0:
         if end == 0 or (rank is not None and f.norm_dim(node, end, rank) == 0):
             return BATCH  # flatten(0, 0): nothing merged
-        f.refuse(node, "flattens the batch dim into the features (use flatten(1))")
+        return _merge_rows(f, node, "flattens the batch dim into the features (use flatten(1))")
+    return BATCH
+
+
+def _merge_rows(f: BatchFlow, node: fx.Node, unknown: str) -> str:
+    """A row-major merge of the batch with the dims after it (``flatten(0, j)``): the output's rows
+    per sample come from its shape; without shapes, ``unknown`` is the refusal."""
+    out = f.shape(node)
+    k = f.rows_per_sample(node, out[0]) if out else None
+    if k is None:
+        f.refuse(
+            node,
+            f"{unknown}; without shapes the pass cannot count the rows per sample (pass "
+            f"example_inputs=(x,))",
+        )
+    f.rows[node] = k
+    return BATCH
+
+
+def _unflatten(f: BatchFlow, node: fx.Node, name: str) -> str:
+    """``unflatten(dim, sizes)``: dims >= 1 as any dim-wise op; ``unflatten(0, (N, T))`` of a tensor
+    with ``N * T`` rows splits them back (the first size ``-1``, the batch size, or the literal ``N``
+    of a shape-specialized graph)."""
+    x = node.args[0]
+    dim = f.arg(node, 1, ("dim",))
+    if f.st(x) != BATCH or f.norm_dim(node, dim, f.rank(x)) != 0:
+        return _dims(f, node, name, 1, ("dim",), None, False)
+    sizes = list(f.arg(node, 2, ("sizes",), ()) or ())
+    first = sizes[0] if sizes else None
+    if any(f.st(s) for s in sizes[1:]):
+        f.refuse(node, "puts the batch size in a non-batch position of the new shape")
+    if f.st(first) == BSIZE:
+        f.rows[node] = f.rows_of(first)
+        return BATCH
+    out = f.shape(node)
+    k = f.rows_per_sample(node, out[0]) if out else None
+    if k is not None and first == -1:
+        f.rows[node] = k
+        return BATCH
+    if k is not None and f.literal_rows(node, first, k):
+
+        def edit(new: int, node: fx.Node = node, k: int = k) -> None:
+            args = list(node.args)
+            args[2] = type(args[2])([new * k, *list(args[2])[1:]])
+            node.args = tuple(args)
+
+        f.edits.append((node, edit))
+        f.rows[node] = k
+        return BATCH
+    f.refuse(node, f"unflattens the batch dim with {first!r} first (use -1 or x.size(0))")
     return BATCH
 
 
@@ -616,6 +756,14 @@ def _getitem(f: BatchFlow, node: fx.Node, name: str) -> str | None:
             return None
         if isinstance(idx, slice) and isinstance(idx.start, int) and idx.start >= 1:
             return None
+        if (
+            isinstance(idx, slice)
+            and idx.start in (None, 0)
+            and idx.step in (None, 1)
+            and isinstance(idx.stop, int)
+            and idx.stop >= 1
+        ):
+            return BSHAPE  # x.shape[:2]: a prefix, item 0 still the batch size
         f.refuse(node, "takes a part of the shape that includes the batch size")
     if s in (BSIZE,):
         f.refuse(node, "indexes the batch size")
@@ -748,11 +896,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("per-sample", PER_SAMPLE, _per_sample),
     Family("matmul", _names("matmul mm bmm addmm baddbmm addbmm __matmul__"), _matmul),
     Family("cat", _names("cat concat concatenate stack"), _cat),
+    Family("einsum", _names("einsum"), _einsum),
+    Family("unfold", _names("unfold fold im2col col2im"), _unfold),
     Family("view", _names("view reshape _unsafe_view _reshape_alias"), _view),
     Family("view_as", _names("view_as reshape_as expand_as"), _like),
     Family("expand", _names("expand"), _expand),
     Family("repeat", _names("repeat tile"), _repeat),
     Family("flatten", _names("flatten"), _flatten),
+    Family("unflatten", _names("unflatten"), _unflatten),
     Family("unsqueeze", _names("unsqueeze"), _unsqueeze),
     Family("squeeze", _names("squeeze"), _squeeze),
     Family("permute", _names("permute"), _permute),
@@ -782,8 +933,29 @@ _BY_OP = _index(FAMILIES)
 _UNKNOWN = "is an op the VDN analysis does not know"
 
 
+_CARRIERS = (BATCH, BTUPLE, BNTUPLE, BSIZE, BSHAPE)
+
+
 def apply_rule(f: BatchFlow, node: fx.Node) -> str | None:
-    """The state of ``node`` (which has a batch-derived input), or raises ``BatchMixingError``."""
+    """The state of ``node`` (which has a batch-derived input), or raises ``BatchMixingError``.
+
+    Rows per sample (:attr:`BatchFlow.rows`): a rule that reshapes sets the node's own; every
+    other batch-derived node takes its inputs', which must agree."""
+    state = _apply_rule(f, node)
+    if state in _CARRIERS and node not in f.rows:
+        rows = {f.rows_of(n) for n in node.all_input_nodes if f.st(n) in _CARRIERS}
+        if len(rows) > 1:
+            f.refuse(
+                node,
+                f"combines batch-carrying values with different rows per sample "
+                f"{sorted(rows)} (one merges the batch with other dims), which misaligns samples",
+            )
+        if rows and (k := rows.pop()) != 1:
+            f.rows[node] = k
+    return state
+
+
+def _apply_rule(f: BatchFlow, node: fx.Node) -> str | None:
     if node.op == "call_module":
         return _module(f, node)
     if node.op == "call_method":
@@ -845,14 +1017,20 @@ def _module_layer_norm(f: BatchFlow, node: fx.Node, mod: Any, rank: int | None) 
 
 
 def _module_flatten(f: BatchFlow, node: fx.Node, mod: Any, rank: int | None) -> str:
-    if f.norm_dim(node, mod.start_dim, rank) == 0:
-        f.refuse(node, "flattens the batch dim into the features (use Flatten(1))")
+    if f.norm_dim(node, mod.start_dim, rank) == 0 and (
+        rank is None or f.norm_dim(node, mod.end_dim, rank) != 0
+    ):
+        return _merge_rows(f, node, "flattens the batch dim into the features (use Flatten(1))")
     return BATCH
 
 
 def _module_unflatten(f: BatchFlow, node: fx.Node, mod: Any, rank: int | None) -> str:
     if f.norm_dim(node, mod.dim, rank) == 0:
-        f.refuse(node, "unflattens the batch dim")
+        out = f.shape(node)
+        k = f.rows_per_sample(node, out[0]) if out else None
+        if k is None or mod.unflattened_size[0] != -1:
+            f.refuse(node, "unflattens the batch dim with a fixed first size (use -1)")
+        f.rows[node] = k
     return BATCH
 
 
