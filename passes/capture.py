@@ -26,6 +26,7 @@ that work: ``example_inputs=``, ``bnrewrite.convert_`` and ``torch.compile(backe
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "UntraceableModelError",
     "capture",
     "export_training",
+    "user_line",
     "where_tracing_stopped",
 ]
 
@@ -73,13 +75,31 @@ def _routes(what: str) -> str:
     )
 
 
+def _is_library(path: str) -> bool:
+    path = os.path.abspath(path)
+    return path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIRS) or path.startswith("<")
+
+
+def user_line(stack_trace: str) -> str | None:
+    """``"file:line: source"`` of the innermost frame of a node's ``meta["stack_trace"]`` (the text
+    Dynamo and export record) that is not torch's or bnrewrite's; ``None`` when there is none."""
+    lines = [ln.strip() for ln in str(stack_trace).strip().splitlines()]
+    for i in reversed(range(len(lines))):
+        m = re.match(r'^File "([^"]+)", line (\d+)', lines[i])
+        if m and not _is_library(m.group(1)):
+            code = (
+                lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            )
+            return f"{m.group(1)}:{m.group(2)}" + (f": {code}" if code else "")
+    return None
+
+
 def where_tracing_stopped(error: BaseException) -> str | None:
     """``"file:line in function: source"`` of the innermost frame of ``error``'s traceback that is
     the user's code (not torch's, not bnrewrite's); ``None`` when there is none."""
     frames = traceback.extract_tb(error.__traceback__)
     for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIRS) or path.startswith("<"):
+        if _is_library(frame.filename):
             continue
         line = (frame.line or "").strip()
         return f"{frame.filename}:{frame.lineno} in {frame.name}: {line}"

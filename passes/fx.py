@@ -707,12 +707,24 @@ def _rewrite_exported(
     return ep, report
 
 
+class _ShapeAndIntProp(ShapeProp):
+    """``ShapeProp`` that also keeps the value of every node computing a plain ``int`` (sizes such
+    as ``x.size(1)``) in ``meta["val"]``, as Dynamo and export graphs do."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, int) and not isinstance(result, bool) and n.op != "placeholder":
+            n.meta.setdefault("val", result)
+        return result
+
+
 def shape_prop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Fill ``tensor_meta`` by running ``gm`` once; parameters and buffers are restored after."""
+    """Fill ``tensor_meta`` (and ``meta["val"]`` of int-valued nodes) by running ``gm`` once;
+    parameters and buffers are restored after."""
     saved = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            _ShapeAndIntProp(gm).propagate(*example_inputs)
     finally:
         with torch.no_grad():
             for k, v in gm.state_dict(keep_vars=True).items():

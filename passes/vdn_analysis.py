@@ -255,8 +255,8 @@ class _Walk:
             s = flow.st(a)
             if s == BATCH and flow.rows_of(a) != 1:
                 flow.refuse(
-                    node,
-                    f"returns {a.name}, whose dim 0 merges the batch with other dims "
+                    a,
+                    f"is an output whose dim 0 merges the batch with other dims "
                     f"({flow.rows_of(a)} rows per sample); return it split back to N rows",
                 )
             if s == BATCH:

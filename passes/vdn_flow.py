@@ -35,6 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .capture import user_line
+from .fx import _normalize_qualname
+
 __all__ = [
     "BATCH",
     "BNTUPLE",
@@ -46,6 +49,8 @@ __all__ = [
     "describe",
     "value_of",
     "same_size",
+    "where_from",
+    "WITHOUT_EDITING",
 ]
 
 BATCH = "batch"  # tensor whose dim 0 is the batch
@@ -57,17 +62,50 @@ BSHAPE = "bshape"  # a torch.Size whose item 0 is the batch size
 _VALUE_META = ("val", "example_value")
 
 
-class BatchMixingError(ValueError):
-    """The graph cannot be proven to treat samples independently; names the node and the reason."""
+#: What a user can do about a refusal without editing the model's code.
+WITHOUT_EDITING = (
+    "Without editing the model: the per-node methods need no batch independence (method 'fs' "
+    "instead of 'fs_vdn', 'bs' or 'fs' instead of 'vdn', through bnrewrite.rewrite, "
+    "bnrewrite.convert_ or the torch.compile backend); name the batch inputs with "
+    "batch_inputs=[...] if an input that is not the batch was taken for one"
+)
 
-    def __init__(self, node: str, what: str, reason: str) -> None:
+
+class BatchMixingError(ValueError):
+    """The graph cannot be proven to treat samples independently; names the node, where it comes
+    from (module path and source line, where the graph records them) and the reason."""
+
+    def __init__(self, node: str, what: str, reason: str, where: str = "") -> None:
         self.node = node
         self.reason = reason
+        self.where = where
+        at = f" {where}" if where else ""
         super().__init__(
-            f"VDN refused: node {node!r} ({what}) {reason}. VDN carries virtual rows through the "
-            f"whole graph and needs every op between the batch inputs and the outputs to treat "
-            f"samples independently; nothing was rewritten"
+            f"VDN refused: node {node!r} ({what}){at} {reason}. VDN carries virtual rows through "
+            f"the whole graph and needs every op between the batch inputs and the outputs to "
+            f"treat samples independently; nothing was rewritten. {WITHOUT_EDITING}"
         )
+
+
+def where_from(node: fx.Node) -> str:
+    """``in module <path> (<type>), at <file>:<line>: <code>`` from the node's ``nn_module_stack``
+    and ``stack_trace`` meta (Dynamo, export and make_fx graphs record them; ``symbolic_trace``
+    graphs have the module path of ``call_module`` nodes only)."""
+    parts = []
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1][:2]
+        kind_name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+        path = _normalize_qualname(str(path))
+        if path:
+            parts.append(f"in module {path} ({kind_name.rsplit('.', 1)[-1]})")
+    elif node.op == "call_module":
+        parts.append(f"in module {node.target}")
+    trace = node.meta.get("stack_trace")
+    line = user_line(trace) if trace else None
+    if line:
+        parts.append(f"at {line}")
+    return ", ".join(parts)
 
 
 def value_of(node: Any) -> Any:
@@ -207,7 +245,7 @@ class BatchFlow:
 
     # -- checks ---------------------------------------------------------------------------------
     def refuse(self, node: fx.Node, reason: str) -> None:
-        raise BatchMixingError(node.name, describe(node), reason)
+        raise BatchMixingError(node.name, describe(node), reason, where_from(node))
 
     def norm_dim(self, node: fx.Node, dim: Any, rank: int | None, extra: int = 0) -> int:
         """Non-negative dim; refuses symbolic dims and negative dims of unknown rank."""

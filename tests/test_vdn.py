@@ -45,7 +45,8 @@ class RefVDNBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, method: str, ratio: float) -> None:
         super().__init__()
         self.bn, self.method, self.ratio = bn, method, ratio
-        self.rows = V  # virtual rows at the end of the input (set by RefVDNModel)
+        self.rows = V  # virtual samples at the end of the batch (set by RefVDNModel)
+        self.batch = None  # N + V (set by RefVDNModel)
 
     def forward(self, h: Tensor) -> Tensor:
         bn = self.bn
@@ -53,7 +54,12 @@ class RefVDNBatchNorm(nn.Module):
             return F.batch_norm(
                 h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps
             )
-        real, virt = h[: -self.rows], h[-self.rows :]
+        # an input that merges every sample into k consecutive rows ((N + V) * k rows, e.g. a
+        # BatchNorm1d over flatten(0, 1) of (N + V, T, C)): the virtual samples are the last V * k
+        k = 1 if self.batch is None else h.shape[0] // self.batch
+        assert self.batch is None or h.shape[0] == k * self.batch
+        rows = self.rows * k
+        real, virt = h[:-rows], h[-rows:]
         parts = [virt]
         if self.method == "fs_vdn":
             virtual_values = virt[:, 0].numel()  # per channel
@@ -94,8 +100,11 @@ class RefVDNModel(nn.Module):
         if self.method != "vdn":
             return V
         positions: list[int] = []
+        n = x.shape[0]  # values per sample and channel (rows merged with other dims included)
         hooks = [
-            m.register_forward_pre_hook(lambda _m, a: positions.append(a[0][0, 0].numel()))
+            m.register_forward_pre_hook(
+                lambda _m, a: positions.append(a[0].numel() // (a[0].shape[1] * n))
+            )
             for m in self.original.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
@@ -111,7 +120,7 @@ class RefVDNModel(nn.Module):
         rows = self._rows(x)
         for m in self.inner.modules():
             if isinstance(m, RefVDNBatchNorm):
-                m.rows = rows
+                m.rows, m.batch = rows, x.shape[0] + rows
         full = torch.cat([x, ref_virtual_rows(x, rows, self.seed)], 0)
         return self.inner(full)[: x.shape[0]]
 
