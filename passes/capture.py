@@ -190,7 +190,7 @@ def capture(
         raise UntraceableModelError(
             f"bnrewrite: torch.fx.symbolic_trace cannot trace {type(model).__name__}: tracing "
             f"stopped{at} ({_first_line(error)}). symbolic_trace runs forward on proxies, so "
-            f"Python control flow, int() or iteration on a tensor's size stop it. "
+            f"Python control flow, int(), iteration or item assignment on traced values stop it. "
             + _routes(" on those inputs" if mode == "auto" else ", with capture='export'"),
             error,
         ) from None
