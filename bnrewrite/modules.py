@@ -131,16 +131,55 @@ def share_structure(model: nn.Module) -> nn.Module:
     optimizer built on ``model.parameters()`` trains what the rewritten graph uses and the running
     statistics it updates are ``model``'s -- as ``torch.fx.symbolic_trace`` and ``torch.compile``
     share them.
+
+    A module that also keeps submodules in a plain attribute (``self.blocks = [conv, bn]`` beside
+    ``add_module``, a common pattern in model libraries) gets that attribute re-pointed at the
+    copies (a new list, tuple or dict; the model's own is untouched), so that the copy's forward
+    runs the copies.
     """
+    copies: dict[int, nn.Module] = {}
+    new = _share(model, copies)
+    for module in copies.values():
+        for key, value in list(module.__dict__.items()):
+            if key.startswith("_") or key == "training":
+                continue
+            mapped = _remap(value, copies)
+            if mapped is not value:
+                module.__dict__[key] = mapped
+    return new
+
+
+def _share(model: nn.Module, copies: dict[int, nn.Module]) -> nn.Module:
+    if id(model) in copies:
+        return copies[id(model)]
     new = copy.copy(model)
+    copies[id(model)] = new
     for key, value in list(new.__dict__.items()):
         if key.startswith("_") and isinstance(value, (dict, set)):
             new.__dict__[key] = copy.copy(value)  # hooks, parameter/buffer tables: own containers
     new._modules = {
-        name: None if child is None else share_structure(child)
+        name: None if child is None else _share(child, copies)
         for name, child in model._modules.items()
     }
     return new
+
+
+def _remap(value: Any, copies: dict[int, nn.Module]) -> Any:
+    """``value`` with every module of the copied tree replaced by its copy (``value`` itself when
+    nothing changes)."""
+    if isinstance(value, nn.Module):
+        return copies.get(id(value), value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, nn.Module) for v in value):
+        items = [_remap(v, copies) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict) and any(isinstance(v, nn.Module) for v in value.values()):
+        mapped = {k: _remap(v, copies) for k, v in value.items()}
+        return value if all(mapped[k] is v for k, v in value.items()) else mapped
+    return value
 
 
 def plain_twins(model: nn.Module) -> tuple[nn.Module, list[SamplingConfig]]:

@@ -45,7 +45,7 @@ from .vdn_flow import (
     same_size,
     value_of,
 )
-from .vdn_rules import apply_rule
+from .vdn_rules import apply_rule, literal_broadcast
 
 __all__ = ["BatchMixingError", "Analysis", "analyze"]
 
@@ -213,6 +213,7 @@ class _Walk:
                     flow.rows[node] = flow.rows_of(x)  # statistics from the last V * k rows
             else:
                 if not any(flow.st(n) for n in node.all_input_nodes):
+                    literal_broadcast(flow, node)  # cls_token.expand(N, ...) with a literal N
                     continue
                 result = apply_rule(flow, node)
             if result:

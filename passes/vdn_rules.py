@@ -35,9 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .vdn_flow import BATCH, BNTUPLE, BSHAPE, BSIZE, BTUPLE, BatchFlow, value_of
+from .vdn_flow import BATCH, BNTUPLE, BSHAPE, BSIZE, BTUPLE, BatchFlow, same_size, value_of
 
-__all__ = ["FAMILIES", "MODULE_FAMILIES", "Family", "apply_rule", "is_guard", "op_name"]
+__all__ = [
+    "FAMILIES",
+    "MODULE_FAMILIES",
+    "Family",
+    "apply_rule",
+    "is_guard",
+    "literal_broadcast",
+    "op_name",
+]
 
 Handler = Callable[[BatchFlow, fx.Node, str], "str | None"]
 
@@ -546,6 +554,24 @@ def _expand(f: BatchFlow, node: fx.Node, name: str) -> str | None:
         return BATCH  # a per-sample constant broadcast over the batch
     f.refuse(node, "expands with batch-carrying arguments")
     return None
+
+
+def literal_broadcast(f: BatchFlow, node: fx.Node) -> bool:
+    """``cls_token.expand(N, -1, -1)`` in a shape-specialized graph: a per-sample constant (dim 0
+    of size 1) expanded to the literal batch size ``N``. It carries no sample's values, so it is
+    batch-carrying with ``N -> N + V`` edited in; recorded here (state and edit) when it is."""
+    if node.op not in ("call_function", "call_method") or op_name(node.target) != "expand":
+        return False
+    x = node.args[0] if node.args else None
+    sizes = _sizes(node)
+    shape = f.shape(x)
+    if not sizes or shape is None or len(sizes) != len(shape) or not same_size(shape[0], 1):
+        return False
+    if not f.literal_rows(node, sizes[0], 1) or f.batch_size == 1:
+        return False
+    f.edits.append((node, _set_size0(node)))
+    f.state[node] = BATCH
+    return True
 
 
 def _repeat(f: BatchFlow, node: fx.Node, name: str) -> str:

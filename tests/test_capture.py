@@ -270,3 +270,34 @@ def test_vdn_through_capture(method):
     got, want = _steps(new, _input()), _steps(ref, _input())
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-10, msg=key)
+
+
+class ListHeld(nn.Module):
+    """Submodules kept in a plain list beside ``add_module`` (as some model libraries do): the
+    structure-sharing copy the routes trace must run the copies, or the capture loses them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)]
+        for i, block in enumerate(self.blocks):
+            self.add_module(str(i), block)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != 3:
+            raise ValueError("three channels")
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["export", "auto"])
+def test_list_held_submodules_are_captured_with_their_parameters(capture):
+    cfg = SamplingConfig(method="bs", ratio=0.5, sampling="fixed")
+    model = _model(ListHeld)
+    new = bnrewrite.rewrite(model, cfg, example_inputs=(_input(),), capture=capture)
+    assert new.meta["bnrewrite"].count == 1
+    assert model.blocks[1] is model.get_submodule("1")  # the model's own list is untouched
+    ref = reference_model(_model(ListHeld), "bs", 0.5)
+    ref.blocks = [ref.get_submodule("0"), ref.get_submodule("1")]  # the reference's own list too
+    assert_close_results(run_steps(new, _input), run_steps(ref, _input), atol=1e-10, rtol=1e-9)

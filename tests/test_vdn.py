@@ -137,8 +137,9 @@ def _steps(model: nn.Module, x: Tensor, steps: int = 2) -> dict[str, Tensor]:
         out[f"y{step}"], out[f"dx{step}"] = y.detach(), xi.grad
         with torch.no_grad():
             for p in params.values():
-                p -= 0.1 * p.grad
-                p.grad = None
+                if p.grad is not None:  # parameters the output does not use have none
+                    p -= 0.1 * p.grad
+                    p.grad = None
     for name, b in model.named_buffers():
         key = name.replace("inner.", "").replace(".bn.", ".")
         out["buf." + key] = b.detach().clone()
