@@ -78,6 +78,10 @@ def _resnet_config(**kw: Any) -> Any:
     return T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **kw)
 
 
+def _mobilenet_v2_config() -> Any:
+    return T.MobileNetV2Config(depth_multiplier=0.25, num_labels=3, image_size=32)
+
+
 def _mobilevit_config(**kw: Any) -> Any:
     return T.MobileViTConfig(
         image_size=32,
@@ -118,9 +122,7 @@ HF_MODELS: dict[str, HFModel] = {
         "classification",
     ),
     "mobilenet_v2": HFModel(
-        lambda: T.MobileNetV2ForImageClassification(
-            T.MobileNetV2Config(depth_multiplier=0.25, num_labels=3, image_size=32)
-        ),
+        lambda: T.MobileNetV2ForImageClassification(_mobilenet_v2_config()),
         _image(),
         "classification",
     ),
@@ -187,9 +189,7 @@ HF_MODELS: dict[str, HFModel] = {
         "hybrid transformer",
     ),
     "mobilenet_v2_deeplab": HFModel(
-        lambda: T.MobileNetV2ForSemanticSegmentation(
-            T.MobileNetV2Config(depth_multiplier=0.25, num_labels=3, image_size=32)
-        ),
+        lambda: T.MobileNetV2ForSemanticSegmentation(_mobilenet_v2_config()),
         _image(),
         "segmentation",
     ),

@@ -815,3 +815,34 @@ def test_memory_rows_in_a_rewritten_model_keep_vdn_decoupling():
     torch.manual_seed(3)
     y2 = twin(_other_batch(x1))
     assert torch.equal(y1[0], y2[0])
+
+
+class BreaksGraph(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x))
+        torch._dynamo.graph_break()  # GRAPH-BREAK
+        return self.bn2(h)
+
+
+def test_backend_refuses_vdn_across_a_graph_break():
+    """Virtual rows cannot cross a Dynamo graph break: one error naming the user's line and the
+    routes; nothing runs with rows restarted at an intermediate tensor."""
+    import inspect
+
+    from bnrewrite.backend import make_backend
+
+    torch._dynamo.reset()
+    lines, first = inspect.getsourcelines(BreaksGraph.forward)
+    line = first + next(i for i, text in enumerate(lines) if "GRAPH-BREAK" in text)
+    compiled = torch.compile(
+        BreaksGraph(), backend=make_backend(SamplingConfig(method="vdn"), inner="aot_eager")
+    )
+    with pytest.raises(Exception, match="graph break") as info:
+        compiled(torch.randn(4, 3, 8, 8))
+    text = str(info.value)
+    assert f"test_vdn.py:{line}" in text and "example_inputs=(x,)" in text
+    torch._dynamo.reset()
