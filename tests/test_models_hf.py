@@ -95,10 +95,12 @@ def test_rewrite_with_example_inputs(name, case, request):
         assert_close_results(got, run_steps_hf(build_head(name), _inputs(name)), **TORCH_TOL)
 
 
-@pytest.mark.parametrize("name", ["resnet", "levit", "mobilevit"])
-def test_optimizer_on_model_parameters(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_on_model_parameters(name, request):
     """An SGD step with an optimizer built on ``model.parameters()`` moves the model's own
     parameters and running statistics exactly as the reference step does."""
+    if name not in CORE:
+        request.applymarker(pytest.mark.slow)
     cfg = SamplingConfig(method="fs", ratio=0.25, sampling="fixed")
     model, ref = build_head(name), reference_model(build_head(name), "fs", 0.25)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
