@@ -137,8 +137,17 @@ CONFIGS: dict[str, tuple[str, Callable[[], SamplingConfig | None]]] = {
 for _v in (4, 8, 16):
     CONFIGS[f"vdn_v{_v}"] = ("bn", lambda v=_v: SamplingConfig("vdn", vdn_samples=v))
     CONFIGS[f"fs_vdn_v{_v}"] = ("bn", lambda v=_v: SamplingConfig("fs_vdn", vdn_samples=v))
+for _v in (32,):
+    CONFIGS[f"vdn_v{_v}"] = ("bn", lambda v=_v: SamplingConfig("vdn", vdn_samples=v))
 for _src in ("normal", "running"):
     CONFIGS[f"vdn_{_src}"] = ("bn", lambda s=_src: SamplingConfig("vdn", virtual=s))
+    CONFIGS[f"fs_vdn_{_src}"] = ("bn", lambda s=_src: SamplingConfig("fs_vdn", virtual=s))
+    CONFIGS[f"vdn_v16_{_src}"] = (
+        "bn",
+        lambda s=_src: SamplingConfig("vdn", vdn_samples=16, virtual=s),
+    )
+CONFIGS["fs_vdn_r4"] = ("bn", lambda: SamplingConfig("fs_vdn", ratio=0.25))
+CONFIGS["fs"] = ("bn", lambda: SamplingConfig("fs"))
 
 
 REGIMES = {"b64": (64, 3, 0.1), "b2": (2, 1, 0.02)}  # batch, epochs, peak learning rate
@@ -154,7 +163,7 @@ def train(name: str, data: tuple[Tensor, ...], regime: str, seed: int) -> tuple[
     cfg = make_cfg()
     net = model if cfg is None else bnrewrite.rewrite(model, cfg)
     rows = 0.0
-    if cfg is not None:
+    if cfg is not None and cfg.uses_virtual_rows:
         report = net.meta.get("bnrewrite_vdn")
         rows = (report.virtual_rows if report is not None else cfg.vdn_samples) / batch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
