@@ -229,7 +229,17 @@ class CapturedModel(nn.Module):
         view.training = model.training
         names = [n for n, _ in graph_module.named_parameters(remove_duplicate=False)]
         names += [n for n, _ in graph_module.named_buffers(remove_duplicate=False)]
-        d["_state_names"] = [n for n in names if _has_tensor(self, n)]
+        # (this module's table, the program's table, key) per tensor, resolved once: the tables
+        # are the same dict objects for the module's life (``.to()`` replaces their entries)
+        d["_state_slots"] = [
+            (mine.__dict__[table], theirs.__dict__[table], leaf)
+            for name in names
+            if _has_tensor(self, name)
+            for owner, _, leaf in [name.rpartition(".")]
+            for mine, theirs in [(self.get_submodule(owner), graph_module.get_submodule(owner))]
+            for table in ("_parameters", "_buffers")
+            if leaf in mine.__dict__[table]
+        ]
 
     def train(self, mode: bool = True) -> CapturedModel:
         super().train(mode)
@@ -238,16 +248,10 @@ class CapturedModel(nn.Module):
 
     def _sync(self) -> None:
         """Point the program's parameters and buffers at this module's current tensors."""
-        gm = self.__dict__["graph_module"]
-        for name in self.__dict__["_state_names"]:
-            owner, _, leaf = name.rpartition(".")
-            mine = self.get_submodule(owner) if owner else self
-            theirs = gm.get_submodule(owner) if owner else gm
-            for table in ("_parameters", "_buffers"):
-                if leaf in mine.__dict__[table]:
-                    value = mine.__dict__[table][leaf]
-                    if theirs.__dict__[table].get(leaf) is not value:
-                        theirs.__dict__[table][leaf] = value
+        for mine, theirs, leaf in self.__dict__["_state_slots"]:
+            value = mine[leaf]
+            if theirs.get(leaf) is not value:
+                theirs[leaf] = value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:

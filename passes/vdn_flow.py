@@ -325,10 +325,6 @@ class BatchFlow:
 
     def literal_batch(self, node: fx.Node, value: Any, out_dim0: Any) -> bool:
         """A literal int in the batch position of a shape-specialized graph equal to N."""
-        return (
-            self.specialized
-            and isinstance(value, int)
-            and isinstance(self.batch_size, int)
-            and value == self.batch_size
-            and (out_dim0 is None or same_size(out_dim0, self.batch_size))
+        return self.literal_rows(node, value, 1) and (
+            out_dim0 is None or same_size(out_dim0, self.batch_size)
         )

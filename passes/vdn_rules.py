@@ -560,7 +560,8 @@ def literal_broadcast(f: BatchFlow, node: fx.Node) -> bool:
     """``cls_token.expand(N, -1, -1)`` in a shape-specialized graph: a per-sample constant (dim 0
     of size 1) expanded to the literal batch size ``N``. It carries no sample's values, so it is
     batch-carrying with ``N -> N + V`` edited in; recorded here (state and edit) when it is."""
-    if node.op not in ("call_function", "call_method") or op_name(node.target) != "expand":
+    name = str(node.target) if node.op == "call_method" else op_name(node.target)
+    if node.op not in ("call_function", "call_method") or name != "expand":
         return False
     x = node.args[0] if node.args else None
     sizes = _sizes(node)

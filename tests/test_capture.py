@@ -301,3 +301,13 @@ def test_list_held_submodules_are_captured_with_their_parameters(capture):
     ref = reference_model(_model(ListHeld), "bs", 0.5)
     ref.blocks = [ref.get_submodule("0"), ref.get_submodule("1")]  # the reference's own list too
     assert_close_results(run_steps(new, _input), run_steps(ref, _input), atol=1e-10, rtol=1e-9)
+
+
+def test_to_after_the_rewrite_keeps_the_program_on_the_module_tensors():
+    """``.float()`` replaces the buffers with new tensors; the next training call runs on them
+    and updates them (the program's attributes are re-pointed before each call)."""
+    new = bnrewrite.rewrite(_model(SizeCheck), "bs", example_inputs=(_input(),)).float()
+    before = new.bn.running_mean.clone()
+    assert new(_input().float()).dtype == torch.float32
+    assert new.bn.running_mean.dtype == torch.float32
+    assert not torch.equal(new.bn.running_mean, before)
