@@ -134,7 +134,7 @@ CONFIGS: dict[str, tuple[str, Callable[[], SamplingConfig | None]]] = {
     "vdn": ("bn", lambda: SamplingConfig("vdn")),
     "fs_vdn": ("bn", lambda: SamplingConfig("fs_vdn")),
 }
-for _v in (4, 8, 16):
+for _v in (3, 4, 8, 16):
     CONFIGS[f"vdn_v{_v}"] = ("bn", lambda v=_v: SamplingConfig("vdn", vdn_samples=v))
     CONFIGS[f"fs_vdn_v{_v}"] = ("bn", lambda v=_v: SamplingConfig("fs_vdn", vdn_samples=v))
 for _v in (32,):
@@ -162,10 +162,6 @@ def train(name: str, data: tuple[Tensor, ...], regime: str, seed: int) -> tuple[
     model = small_resnet(1, 10, norm=norm)
     cfg = make_cfg()
     net = model if cfg is None else bnrewrite.rewrite(model, cfg)
-    rows = 0.0
-    if cfg is not None and cfg.uses_virtual_rows:
-        report = net.meta.get("bnrewrite_vdn")
-        rows = (report.virtual_rows if report is not None else cfg.vdn_samples) / batch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * (len(xtr) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -177,11 +173,15 @@ def train(name: str, data: tuple[Tensor, ...], regime: str, seed: int) -> tuple[
             idx = perm[i : i + batch]
             loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
             if not math.isfinite(loss.item()):
-                return float("nan"), rows
+                return float("nan"), float("nan")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+    rows = 0.0  # read after training: a traced module sizes its virtual rows at the first call
+    if cfg is not None and cfg.uses_virtual_rows:
+        report = net.meta.get("bnrewrite_vdn")
+        rows = (report.virtual_rows if report is not None else cfg.vdn_samples) / batch
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(xte[i : i + 500]).argmax(1) for i in range(0, len(xte), 500)])

@@ -26,7 +26,21 @@ def add_sampling_arguments(p: argparse.ArgumentParser, method_default: str | Non
     p.add_argument("--groups", type=int, default=None, help="channel groups sampling independently")
     p.add_argument("--sampling", default="random", help="random (default) or fixed")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible random sampling")
-    p.add_argument("--vdn-samples", type=int, default=None, help="virtual rows for vdn / fs_vdn")
+    p.add_argument(
+        "--vdn-samples", type=int, default=None, help="virtual rows for vdn / fs_vdn (at least 2)"
+    )
+    p.add_argument(
+        "--vdn-per-row",
+        type=float,
+        default=None,
+        help="virtual rows per real row at least (default 0.25 for vdn: max(2, ceil(N/4)))",
+    )
+    p.add_argument(
+        "--vdn-min-rows",
+        type=int,
+        default=None,
+        help="real + virtual rows at least (default 6 for fs_vdn: max(2, 6 - N) virtual)",
+    )
     p.add_argument(
         "--min-count", type=int, default=None, help="floor: values per channel at least (32)"
     )
@@ -45,6 +59,8 @@ def config_from_args(args: argparse.Namespace):  # -> SamplingConfig
         seed=args.seed,
         vdn_samples=args.vdn_samples,
         min_count=getattr(args, "min_count", None),
+        vdn_per_row=getattr(args, "vdn_per_row", None),
+        vdn_min_rows=getattr(args, "vdn_min_rows", None),
     )
 
 

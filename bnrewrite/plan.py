@@ -59,6 +59,7 @@ __all__ = [
     "SamplePlan",
     "sample_plan",
     "channel_group_of",
+    "virtual_rows_for_batch",
     "virtual_rows_for_floor",
 ]
 
@@ -235,3 +236,18 @@ def virtual_rows_for_floor(config: SamplingConfig, positions: int) -> int:
     if config.method != "vdn":
         return config.vdn_samples
     return max(config.vdn_samples, -(-config.min_count // max(1, positions)))
+
+
+def virtual_rows_for_batch(config: SamplingConfig, batch: int | None) -> int:
+    """Virtual rows a ``vdn`` / ``fs_vdn`` graph carries for a batch of ``batch`` real rows:
+    ``max(vdn_samples, ceil(batch * vdn_per_row), vdn_min_rows - batch)``, a term left out when its
+    field is 0 (``vdn_samples`` when the batch is unknown). The floor
+    (:func:`virtual_rows_for_floor`) may raise it further."""
+    if not config.uses_virtual_rows or not batch:
+        return config.vdn_samples
+    rows = config.vdn_samples
+    if config.vdn_per_row:
+        rows = max(rows, math.ceil(int(batch) * config.vdn_per_row - 1e-9))  # may exceed N
+    if config.vdn_min_rows:
+        rows = max(rows, config.vdn_min_rows - int(batch))
+    return rows

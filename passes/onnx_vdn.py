@@ -53,7 +53,7 @@ from onnx import helper, numpy_helper
 
 from bnrewrite.config import SamplingConfig
 from bnrewrite.estimators import fixed_virtual_rows
-from bnrewrite.plan import virtual_rows_for_floor
+from bnrewrite.plan import virtual_rows_for_batch, virtual_rows_for_floor
 
 from .onnx_sampled_batchnorm import RewriteReport, sampled_batchnorm_rules
 from .vdn import BatchMixingError
@@ -403,18 +403,26 @@ def rewrite_vdn_onnx(
 
 
 def _raise_virtual_rows(state: _Onnx) -> SamplingConfig:
-    """The config with the virtual rows the floor needs (as the FX pass:
+    """The config with the virtual rows the batch and the floor need (as the FX pass:
+    :func:`bnrewrite.plan.virtual_rows_for_batch` of the static batch dim, then
     :func:`bnrewrite.plan.virtual_rows_for_floor` for the ``vdn`` BN with the fewest positions)."""
     cfg = state.config
-    rows = cfg.vdn_samples
+    rows = virtual_rows_for_batch(cfg, state.n)
+    if rows != cfg.vdn_samples:
+        logger.info(
+            "VDN for ONNX: %d virtual row(s) for a batch of %d (vdn_per_row=%g, vdn_min_rows=%d)",
+            rows,
+            state.n,
+            cfg.vdn_per_row,
+            cfg.vdn_min_rows,
+        )
+    base = rows
     for node in state.bn_nodes:
         dims = state.dims(node.input[0])
         if dims and all(isinstance(d, int) for d in dims[2:]):
             rows = max(rows, virtual_rows_for_floor(cfg, math.prod(dims[2:])))
-    if rows != cfg.vdn_samples:
-        logger.info(
-            "VDN for ONNX: %d virtual row(s) instead of %d, for the floor", rows, cfg.vdn_samples
-        )
+    if rows != base:
+        logger.info("VDN for ONNX: %d virtual row(s) instead of %d, for the floor", rows, base)
     return cfg.replace(vdn_samples=rows)
 
 

@@ -67,7 +67,7 @@ from bnrewrite.estimators import (
 )
 from bnrewrite.modules import share_structure
 from bnrewrite.ops import is_sampled_batch_norm_op
-from bnrewrite.plan import virtual_rows_for_floor
+from bnrewrite.plan import virtual_rows_for_batch, virtual_rows_for_floor
 
 from .capture import CapturedModel
 from .capture import capture as capture_model
@@ -478,13 +478,25 @@ def rewrite_vdn(
     )
     names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
     unknown: list[tuple[str, SamplingConfig]] = []
-    v, raised = _virtual_rows_for_floor(analysis, cfg.vdn_samples, unknown)
+    batch = _size_hint(analysis.batch_size)
+    v_batch = virtual_rows_for_batch(cfg, batch)
+    batch_unknown = bool(cfg.vdn_per_row or cfg.vdn_min_rows) and batch is None
+    v, raised = _virtual_rows_for_floor(analysis, v_batch, unknown)
+    if v_batch != cfg.vdn_samples:
+        log.info(
+            "rewrite_vdn: %d virtual row(s) for a batch of %d (vdn_per_row=%g, vdn_min_rows=%d)",
+            v_batch,
+            batch,
+            cfg.vdn_per_row,
+            cfg.vdn_min_rows,
+        )
     if v != cfg.vdn_samples:
         analysis.bn = [(site, c.replace(vdn_samples=v) if c else c) for site, c in analysis.bn]
+    if raised:
         log.info(
             "rewrite_vdn: %d virtual row(s) instead of %d, for the floor of %s",
             v,
-            cfg.vdn_samples,
+            v_batch,
             ", ".join(f"{n} ({a} -> {b} values)" for n, a, b in raised),
         )
     warn_unmatched(
@@ -557,21 +569,38 @@ def rewrite_vdn(
     gm.training = source_training
     gm.meta["bnrewrite"] = report.bn
     gm.meta["bnrewrite_vdn"] = report
-    if unknown and traced and isinstance(rows, fx.Node):
+    unknown = unknown if traced else []  # probing shapes runs the original model
+    if (unknown or batch_unknown) and isinstance(rows, fx.Node):
         function_form = [
             n.name
             for n in graph.nodes
             if n.op == "call_function" and is_sampled_batch_norm_op(n.target)
         ]
         if function_form:  # their configs are graph constants: the first call cannot raise them
+            what = (
+                f"the input shapes of {[n for n, _ in unknown]} are unknown, so the floor"
+                if unknown
+                else "the batch size is unknown, so vdn_per_row / vdn_min_rows"
+            )
             warn_user(
-                f"bnrewrite VDN: the input shapes of {[n for n, _ in unknown]} are unknown, so "
-                f"the floor cannot size the virtual rows; pass example_inputs= to rewrite"
+                f"bnrewrite VDN: {what} cannot size the virtual rows ({v} are used); pass "
+                f"example_inputs= to rewrite"
             )
         else:
-            _size_rows_on_first_call(gm, model, v, unknown)
+            placeholders = [p.name for p in graph.nodes if p.op == "placeholder"]
+            first = placeholders.index(analysis.batch_inputs[0].name)
+            per_row = cfg if batch_unknown else None
+            _size_rows_on_first_call(gm, model if traced else None, v, unknown, per_row, first)
     log.info("%s", report)
     return (gm, report) if return_report else gm
+
+
+def _size_hint(n: Any) -> int | None:
+    """An int batch size, a symbolic one at its example value (no guard), or ``None``."""
+    if n is None or isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def _virtual_rows_for_floor(
@@ -605,7 +634,7 @@ def _virtual_rows_for_floor(
                 unknown.append((str(site.node.target), cfg))
             continue
         rows = virtual_rows_for_floor(cfg, per_row)
-        if rows > cfg.vdn_samples:
+        if rows > v:
             per_layer.append((site.name, per_row))
         need = max(need, rows)
     raised = [(name, v * per_row, need * per_row) for name, per_row in per_layer]
@@ -613,13 +642,20 @@ def _virtual_rows_for_floor(
 
 
 def _size_rows_on_first_call(
-    gm: fx.GraphModule, model: nn.Module, v: int, unknown: list[tuple[str, SamplingConfig]]
+    gm: fx.GraphModule,
+    model: nn.Module | None,
+    v: int,
+    unknown: list[tuple[str, SamplingConfig]],
+    per_row: SamplingConfig | None = None,
+    batch_arg: int = 0,
 ) -> None:
     """Shapes were unknown at rewrite time (an ``nn.Module`` without ``example_inputs``): on the
-    first training call, probe the model's BN input shapes on one sample of the real batch (the
-    original modules, eval mode, no gradient: nothing is updated) and, if a ``vdn`` layer needs
-    more virtual rows than the graph has, raise them before the call runs: the graph reads its row
-    count from ``gm._vdn_rows`` and its sampled modules read ``config`` at run time."""
+    first training call, take the batch size from the call's batch input (argument
+    ``batch_arg``) when ``per_row`` (the config whose ``vdn_per_row`` / ``vdn_min_rows`` size the rows) is given,
+    probe the model's BN input shapes of ``unknown`` on one sample of the real batch (the
+    original modules, eval mode, no gradient: nothing is updated) and, if the graph needs more
+    virtual rows than it has, raise them before the call runs: the graph reads its row count from
+    ``gm._vdn_rows`` and its sampled modules read ``config`` at run time."""
     handle = None
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -627,6 +663,10 @@ def _size_rows_on_first_call(
             return
         assert handle is not None
         handle.remove()
+        v_batch = v
+        x = args[batch_arg] if batch_arg < len(args) else None
+        if per_row is not None and isinstance(x, Tensor) and x.dim() > 0:
+            v_batch = max(v, virtual_rows_for_batch(per_row, x.shape[0]))
         positions: dict[str, int] = {}
 
         def record(name: str) -> Any:
@@ -636,39 +676,48 @@ def _size_rows_on_first_call(
             return pre_hook
 
         wanted = dict(unknown)
-        hooks = [
-            m.register_forward_pre_hook(record(name))
-            for name, m in model.named_modules()
-            if name in wanted
-        ]
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(*[a[:1] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args])
-        finally:
-            for h in hooks:
-                h.remove()
-            for m, mode in modes.items():
-                m.training = mode
+        if wanted and model is not None:
+            hooks = [
+                m.register_forward_pre_hook(record(name))
+                for name, m in model.named_modules()
+                if name in wanted
+            ]
+            modes = {m: m.training for m in model.modules()}
+            try:
+                model.eval()
+                with torch.no_grad():
+                    model(*[a[:1] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args])
+            finally:
+                for h in hooks:
+                    h.remove()
+                for m, mode in modes.items():
+                    m.training = mode
         per_layer = {
             n: virtual_rows_for_floor(c, positions[n]) for n, c in unknown if n in positions
         }
-        need = max([v, *per_layer.values()])
+        need = max([v_batch, *per_layer.values()])
         if need <= v:
             return
         for m in module.modules():
             cfg = getattr(m, "config", None)
             if isinstance(cfg, SamplingConfig) and cfg.uses_virtual_rows:
-                m.config = cfg.replace(vdn_samples=need)
+                k = max(1, cfg.vdn_samples // v)  # a BN over merged rows reads V * k of them
+                m.config = cfg.replace(vdn_samples=need * k)
         module._vdn_rows = need
         report = module.meta.get("bnrewrite_vdn")
         if report is not None:
             report.virtual_rows = need
             report.bn.raised.extend(
-                (n, v * positions[n], need * positions[n]) for n, r in per_layer.items() if r > v
+                (n, v_batch * positions[n], need * positions[n])
+                for n, r in per_layer.items()
+                if r > v_batch
             )
-        log.info("rewrite_vdn: %d virtual row(s) instead of %d for the floor (first call)", need, v)
+        log.info(
+            "rewrite_vdn: %d virtual row(s) instead of %d (first call: batch %s, floor)",
+            need,
+            v,
+            None if x is None or not isinstance(x, Tensor) else x.shape[0],
+        )
 
     handle = gm.register_forward_pre_hook(hook)
 

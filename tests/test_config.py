@@ -31,7 +31,8 @@ def test_dict_round_trip(method):
     cfg = SamplingConfig(method=method, sampling="fixed", seed=3)
     d = cfg.to_dict()
     assert set(d) == {
-        "method", "ratio", "groups", "sampling", "seed", "vdn_samples", "min_count", "virtual"
+        "method", "ratio", "groups", "sampling", "seed", "vdn_samples", "min_count", "virtual",
+        "vdn_per_row", "vdn_min_rows",
     }  # fmt: skip
     assert SamplingConfig.from_dict(d) == cfg
     assert SamplingConfig(**d) == cfg
@@ -107,3 +108,35 @@ def test_virtual_rows_default_follows_sampling():
     assert SamplingConfig("fs_vdn", sampling="fixed", virtual="running").virtual == "running"
     with pytest.raises(ValueError, match="virtual must be one of 'memory', 'running', 'normal'"):
         SamplingConfig("vdn", virtual="uniform")
+
+
+def test_virtual_rows_follow_the_batch_by_default():
+    """At their defaults ``vdn`` carries ``max(2, ceil(N / 4))`` virtual rows and ``fs_vdn``
+    ``max(2, 6 - N)``; an explicit ``vdn_samples`` is exactly that many unless ``vdn_per_row`` /
+    ``vdn_min_rows`` are given too (docs/results.md, "VDN at its defaults")."""
+    from bnrewrite.plan import virtual_rows_for_batch
+
+    vdn = SamplingConfig("vdn")
+    assert (vdn.vdn_samples, vdn.vdn_per_row, vdn.vdn_min_rows) == (2, 0.25, 0)
+    for n, want in [(1, 2), (2, 2), (8, 2), (9, 3), (16, 4), (64, 16), (65, 17), (256, 64)]:
+        assert virtual_rows_for_batch(vdn, n) == want, n
+    assert virtual_rows_for_batch(vdn, None) == 2  # batch unknown: the minimum
+    assert SamplingConfig.from_dict(vdn.to_dict()) == vdn
+    assert vdn.replace(seed=1).vdn_per_row == 0.25  # replace keeps the resolved fields
+    fs_vdn = SamplingConfig("fs_vdn")
+    assert (fs_vdn.vdn_samples, fs_vdn.vdn_per_row, fs_vdn.vdn_min_rows) == (2, 0.0, 6)
+    for n, want in [(1, 5), (2, 4), (3, 3), (4, 2), (64, 2)]:
+        assert virtual_rows_for_batch(fs_vdn, n) == want, n
+    exact = SamplingConfig("vdn", vdn_samples=3)
+    assert (exact.vdn_per_row, exact.vdn_min_rows) == (0.0, 0)
+    assert virtual_rows_for_batch(exact, 64) == 3 == virtual_rows_for_batch(exact, 1)
+    both = SamplingConfig("fs_vdn", vdn_samples=3, vdn_per_row=0.5, vdn_min_rows=8)
+    assert [virtual_rows_for_batch(both, n) for n in (1, 4, 6, 64)] == [7, 4, 3, 32]
+    assert SamplingConfig("bs").vdn_per_row == 0.0 and SamplingConfig("bs").vdn_min_rows == 0
+    assert virtual_rows_for_batch(SamplingConfig("bs"), 64) == 2  # no virtual rows: untouched
+    for bad in (-0.1, float("nan"), 17.0, "1/4", True):
+        with pytest.raises(ValueError, match="vdn_per_row must be"):
+            SamplingConfig("vdn", vdn_per_row=bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="vdn_min_rows must be"):
+            SamplingConfig("fs_vdn", vdn_min_rows=bad)

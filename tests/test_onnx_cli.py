@@ -288,3 +288,38 @@ def test_cli_output_in_a_missing_directory_and_file_mode(tmp_path, capsys) -> No
     finally:
         os.umask(old)
     assert oct(os.stat(tmp_path / "out.onnx").st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.parametrize(
+    ("flags", "rows"),
+    [
+        (["--method", "fs_vdn"], 2),  # max(2, 6 - 4)
+        (["--method", "vdn"], 2),  # max(2, ceil(4 / 4))
+        (["--method", "vdn", "--vdn-per-row", "1.5"], 6),
+        (["--method", "fs_vdn", "--vdn-min-rows", "9"], 5),
+        (["--method", "vdn", "--vdn-samples", "3"], 3),
+    ],
+)
+def test_cli_virtual_rows_follow_the_batch(flags, rows, tmp_path, capsys) -> None:
+    """The CLI's row flags reach the ONNX VDN pass: the ``RandomNormal`` rows it appends to the
+    batch of 4 are ``max(vdn_samples, ceil(vdn_per_row * 4), vdn_min_rows - 4)``."""
+    from bnrewrite.cli import main
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    _training(src)
+    assert main(["onnx", str(src), str(dst), *flags, "--min-count", "1"]) == 0
+    out = onnx.load(str(dst))
+    randoms = [n for n in out.graph.node if n.op_type == "RandomNormal"]
+    assert randoms and all(
+        next(a for a in n.attribute if a.name == "shape").ints[0] == rows for n in randoms
+    )
+
+
+def test_cli_bad_vdn_per_row(tmp_path, capsys) -> None:
+    from bnrewrite.cli import main
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    _training(src)
+    assert main(["onnx", str(src), str(dst), "--method", "vdn", "--vdn-per-row", "-1"]) == 2
+    assert "vdn_per_row must be in [0, 16]" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]

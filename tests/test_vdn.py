@@ -14,6 +14,7 @@ The floor (docs/vdn.md): with ``vdn``, the graph carries ``max(V, ceil(32 / P))`
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -82,8 +83,17 @@ class RefVDNBatchNorm(nn.Module):
 
 
 class RefVDNModel(nn.Module):
-    def __init__(self, model: nn.Module, method: str, ratio: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        ratio: float,
+        seed: int = 0,
+        per_row: float = 0.0,
+        min_rows: int = 0,
+    ) -> None:
         super().__init__()
+        self.per_row, self.min_rows = per_row, min_rows
         self.inner = copy.deepcopy(model)
         for child in list(self.inner.modules()):
             for name, sub in list(child._modules.items()):
@@ -95,12 +105,14 @@ class RefVDNModel(nn.Module):
         self.__dict__["original"] = copy.deepcopy(model)  # not a submodule: no params, no buffers
 
     def _rows(self, x: Tensor) -> int:
-        """``V``, raised for ``vdn`` to ``ceil(32 / P)`` (P: fewest positions per row of a BN
-        input, found by running the original model on ``x``)."""
+        """``V``, raised to ``ceil(per_row * N)`` and ``min_rows - N`` when those are given
+        (config.py: rows that follow the batch), and for ``vdn`` to ``ceil(32 / P)`` (P: fewest
+        positions per row of a BN input, found by running the original model on ``x``)."""
+        n = x.shape[0]
+        base = max(V, math.ceil(self.per_row * n) if self.per_row else 0, self.min_rows - n)
         if self.method != "vdn":
-            return V
-        positions: list[int] = []
-        n = x.shape[0]  # values per sample and channel (rows merged with other dims included)
+            return base
+        positions: list[int] = []  # values per sample and channel (merged rows included)
         hooks = [
             m.register_forward_pre_hook(
                 lambda _m, a: positions.append(a[0].numel() // (a[0].shape[1] * n))
@@ -112,7 +124,7 @@ class RefVDNModel(nn.Module):
             copy.deepcopy(self.original)(x)
         for h in hooks:
             h.remove()
-        return max(V, -(-REF_MIN_COUNT // min(positions)))
+        return max(base, -(-REF_MIN_COUNT // min(positions)))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -846,3 +858,75 @@ def test_backend_refuses_vdn_across_a_graph_break():
     text = str(info.value)
     assert f"test_vdn.py:{line}" in text and "example_inputs=(x,)" in text
     torch._dynamo.reset()
+
+
+# -- virtual rows that follow the batch (issue 26: the defaults) ---------------------------------
+def _default_rows(method: str) -> dict[str, float]:
+    """The reference's rule for a config left at its defaults (docs/vdn.md, config.py):
+    ``vdn`` ``max(2, ceil(N / 4))``, ``fs_vdn`` ``max(2, 6 - N)``."""
+    return {"per_row": 0.25} if method == "vdn" else {"min_rows": 6}
+
+
+ROUTES = ["module", "module_example_inputs", "graph_module"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("method,n,rows", [("vdn", 12, 3), ("vdn", 2, 2), ("fs_vdn", 2, 4)])
+def test_default_rows_follow_the_batch(route, method, n, rows):
+    """At the defaults the graph carries the rows of the batch rule on every route (sized at the
+    first call where the batch is unknown at rewrite time) and equals the reference over two SGD
+    steps: outputs, input gradients, running statistics."""
+    entry = zoo_entry("resnet_basic")
+    cfg = SamplingConfig(method=method, sampling="fixed", seed=5, ratio=0.25)
+    assert cfg.vdn_samples == V  # the minimum; the batch raises it
+    x = torch.randn(n, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model = entry.factory()
+    ref = RefVDNModel(model, method, 0.25, seed=5, **_default_rows(method))
+    if route == "module":
+        gm = rewrite_vdn(model, cfg)
+    elif route == "module_example_inputs":
+        gm = rewrite_vdn(model, cfg, example_inputs=(x,))
+        assert gm.meta["bnrewrite_vdn"].virtual_rows == rows  # known before the first call
+    else:
+        gm = rewrite_vdn(fx.symbolic_trace(copy.deepcopy(model)), cfg)
+    got, want = _steps(gm, x), _steps(ref, x)
+    assert gm.meta["bnrewrite_vdn"].virtual_rows == rows == ref._rows(x)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-10, msg=key)
+
+
+def test_default_rows_follow_the_batch_under_the_backend():
+    """A Dynamo graph knows its batch: 16 rows for a batch of 64 at ``vdn``'s defaults, one
+    compile over several steps, the numbers of the reference."""
+    torch.manual_seed(0)
+    model = PerSampleView().double()
+    cfg = SamplingConfig(method="vdn", sampling="fixed")
+    batches = [torch.randn(64, 3, 6, 6, dtype=torch.float64) + i for i in range(3)]
+    graphs: list = []
+    ref = RefVDNModel(copy.deepcopy(model), "vdn", 1.0, per_row=0.25)
+    outs = _train_compiled(model, _vdn_backend(cfg, graphs), batches)
+    assert len(graphs) == 1 and graphs[0].meta["bnrewrite_vdn"].virtual_rows == 16
+    assert ref._rows(batches[0]) == 16
+    for got, want in zip(outs, _train_eager(ref, batches), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["vdn", "fs_vdn"])
+def test_default_rows_keep_vdn_decoupling(method):
+    """Random rows at the defaults (3 rows at batch 12 for ``vdn``, 4 at batch 2 for ``fs_vdn``):
+    with the same RNG state row 0 of ``vdn`` does not depend on the rest of its batch, and at
+    either default the graph keeps its row count when later batches differ in size."""
+    entry = zoo_entry("resnet_basic")
+    n = 12 if method == "vdn" else 2
+    gm = rewrite_vdn(entry.factory(), SamplingConfig(method=method))
+    x1 = torch.randn(n, 3, 8, 8, dtype=torch.float64)
+    gm(_other_batch(x1) * 3 + 1)  # first call: sizes the rows; running moments move
+    rows = gm.meta["bnrewrite_vdn"].virtual_rows
+    assert rows == (3 if method == "vdn" else 4)
+    twin = copy.deepcopy(gm)
+    torch.manual_seed(7)
+    y1 = gm(x1)
+    torch.manual_seed(7)
+    y2 = twin(_other_batch(x1))
+    assert torch.equal(y1[0], y2[0]) == (method == "vdn")
+    assert gm(x1[:1]).shape[0] == 1 and gm.meta["bnrewrite_vdn"].virtual_rows == rows

@@ -188,3 +188,20 @@ def test_onnx_vdn_carries_the_virtual_rows_the_floor_needs():
     got = run(rewrite_vdn_onnx(export(model, x), cfg), x)[0]
     want = rewrite_vdn(model, cfg)(x).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,n,rows", [("vdn", 12, 3), ("fs_vdn", 2, 4), ("fs_vdn", 12, 2)])
+def test_onnx_default_rows_follow_the_static_batch(method, n, rows):
+    """The ONNX pass sizes the rows from the input's static batch dim as the torch pass does
+    (``vdn`` ``max(2, ceil(N / 4))``, ``fs_vdn`` ``max(2, 6 - N)``), with the same numbers."""
+    entry = zoo_entry("resnet_basic")
+    model = entry.factory().float()
+    x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    random_proto = rewrite_vdn_onnx(export(model, x), {"method": method})
+    randoms = [nd for nd in random_proto.graph.node if nd.op_type == "RandomNormal"]
+    assert next(a for a in randoms[0].attribute if a.name == "shape").ints[0] == rows
+    cfg = {"method": method, "sampling": "fixed", "seed": 2, "ratio": 0.25}
+    got = run(rewrite_vdn_onnx(export(model, x), cfg), x)[0]
+    gm = rewrite_vdn(entry.factory().float(), cfg, example_inputs=(x,))
+    assert gm.meta["bnrewrite_vdn"].virtual_rows == rows
+    np.testing.assert_allclose(got, gm(x).detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -32,7 +32,8 @@ batch of 64.
 * ``fs``, ``fs_vdn``: 1/4 of the positions = a 4x4 lattice with stride 2 at 8x8, 2x2 at 4x4 and one
   position per map at 2x2 (``take`` never goes below one). The paper's 1/64 or 1/32 assume 56x56
   maps; at 8x8 they would leave a single position per image in every layer.
-* ``vdn``: 2 virtual rows (the paper's 2/128).
+* ``vdn``: ``max(2, ceil(N / 4))`` virtual rows (16 at batch 64; ``SamplingConfig``'s default),
+  raised by the floor where a layer needs more; ``fs_vdn``: ``max(2, 6 - N)``.
 
 ``--batch-size`` of 4 or less is the micro-batch mode: by default BN vs VDN vs FS+VDN vs GroupNorm.
 """
@@ -867,7 +868,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + ")",
     )
     p.add_argument("--groups", type=int, default=None, help="channel groups (default 4)")
-    p.add_argument("--vdn-samples", type=int, default=None, help="virtual rows (default 2)")
+    p.add_argument(
+        "--vdn-samples",
+        type=int,
+        default=None,
+        help="virtual rows, exactly (default: vdn max(2, ceil(N/4)), fs_vdn max(2, 6 - N))",
+    )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1*B/64)")
     p.add_argument("--width", type=int, default=None, help="ResNet base width (default 16)")
     p.add_argument("--out", default="bnrewrite-demo", help="output folder (default bnrewrite-demo)")
