@@ -221,23 +221,21 @@ class SamplingConfig:
             )
         object.__setattr__(self, "vdn_per_row", per_row)
 
-        min_rows = self.vdn_min_rows
-        if min_rows is None:
-            min_rows = 0 if vdn_given else DEFAULT_VDN_MIN_ROWS.get(method, 0)
-        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 0:
-            raise ValueError(
-                f"vdn_min_rows must be an integer >= 0 (rows, real and virtual together, that the "
-                f"statistics see at least, e.g. 6; 0 turns it off), got {self.vdn_min_rows!r}"
-            )
-        object.__setattr__(self, "vdn_min_rows", min_rows)
-
-        floor = DEFAULT_MIN_COUNT if self.min_count is None else self.min_count
-        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 1:
-            raise ValueError(
-                f"min_count must be a positive integer (values per channel at least; 1 turns the "
-                f"floor off, default {DEFAULT_MIN_COUNT}), got {self.min_count!r}"
-            )
-        object.__setattr__(self, "min_count", floor)
+        min_rows = 0 if vdn_given else DEFAULT_VDN_MIN_ROWS.get(method, 0)
+        self._set_int(
+            "vdn_min_rows",
+            min_rows,
+            0,
+            "an integer >= 0 (rows, real and virtual together, that the statistics see at least, "
+            "e.g. 6; 0 turns it off)",
+        )
+        self._set_int(
+            "min_count",
+            DEFAULT_MIN_COUNT,
+            1,
+            f"a positive integer (values per channel at least; 1 turns the floor off, default "
+            f"{DEFAULT_MIN_COUNT})",
+        )
 
         virtual = self.virtual
         if virtual is None:
@@ -249,6 +247,15 @@ class SamplingConfig:
                 f"from), got {self.virtual!r}"
             )
         object.__setattr__(self, "virtual", virtual)
+
+    def _set_int(self, name: str, default: int, minimum: int, what: str) -> None:
+        """Validate the int field ``name`` (``None`` takes ``default``): ``ValueError`` saying it
+        must be ``what`` unless it is an int (not a bool) of at least ``minimum``."""
+        given = getattr(self, name)
+        value = default if given is None else given
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be {what}, got {given!r}")
+        object.__setattr__(self, name, value)
 
     # -- derived properties -------------------------------------------------------------------
     @property
