@@ -557,15 +557,21 @@ def input_shape(site: BatchNormSite) -> tuple[Any, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def example_size(d: Any) -> Any:
+    """A size at its example value: a ``SymInt`` with a hint as that int (no guard is added),
+    anything else (an int, ``None``, a SymInt without a hint) as it is."""
+    if isinstance(d, torch.SymInt) and d.node.has_hint():
+        return int(d.node.hint)
+    return d
+
+
 def floor_raise(site: BatchNormSite, config: SamplingConfig) -> tuple[int, int] | None:
     """``(before, after)`` when the floor raises this BN's sample, if the input shape is known
     (a symbolic size, such as the batch dim of a program exported with ``Dim.AUTO``, at its
     example value: the floor itself is decided at run time for each call's shape)."""
     shape = input_shape(site)
     if shape is not None:
-        shape = tuple(
-            d.node.hint if isinstance(d, torch.SymInt) and d.node.has_hint() else d for d in shape
-        )
+        shape = tuple(example_size(d) for d in shape)
     if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
         return None
     plan = sample_plan(shape, config)

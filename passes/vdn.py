@@ -76,6 +76,7 @@ from .fx import (
     RewriteReport,
     _as_patterns,
     _copy_graph_module,
+    example_size,
     input_shape,
     rewrite_node,
     shape_prop,
@@ -478,7 +479,8 @@ def rewrite_vdn(
     )
     names = [site.name for site, _ in analysis.bn] + [name for name, _ in analysis.skipped]
     unknown: list[tuple[str, SamplingConfig]] = []
-    batch = _size_hint(analysis.batch_size)
+    batch = example_size(analysis.batch_size)
+    batch = batch if isinstance(batch, int) else None
     v_batch = virtual_rows_for_batch(cfg, batch)
     batch_unknown = bool(cfg.vdn_per_row or cfg.vdn_min_rows) and batch is None
     v, raised = _virtual_rows_for_floor(analysis, v_batch, unknown)
@@ -589,18 +591,10 @@ def rewrite_vdn(
         else:
             placeholders = [p.name for p in graph.nodes if p.op == "placeholder"]
             first = placeholders.index(analysis.batch_inputs[0].name)
-            per_row = cfg if batch_unknown else None
-            _size_rows_on_first_call(gm, model if traced else None, v, unknown, per_row, first)
+            rule = cfg if batch_unknown else None
+            _size_rows_on_first_call(gm, model if traced else None, v, unknown, rule, first)
     log.info("%s", report)
     return (gm, report) if return_report else gm
-
-
-def _size_hint(n: Any) -> int | None:
-    """An int batch size, a symbolic one at its example value (no guard), or ``None``."""
-    if n is None or isinstance(n, int):
-        return n
-    hint = getattr(getattr(n, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def _virtual_rows_for_floor(
@@ -646,13 +640,13 @@ def _size_rows_on_first_call(
     model: nn.Module | None,
     v: int,
     unknown: list[tuple[str, SamplingConfig]],
-    per_row: SamplingConfig | None = None,
+    batch_rule: SamplingConfig | None = None,
     batch_arg: int = 0,
 ) -> None:
     """Shapes were unknown at rewrite time (an ``nn.Module`` without ``example_inputs``): on the
     first training call, take the batch size from the call's batch input (argument
-    ``batch_arg``) when ``per_row`` (the config whose ``vdn_per_row`` / ``vdn_min_rows`` size the rows) is given,
-    probe the model's BN input shapes of ``unknown`` on one sample of the real batch (the
+    ``batch_arg``) when ``batch_rule`` (the config whose ``vdn_per_row`` / ``vdn_min_rows`` size
+    the rows) is given, probe the model's BN input shapes of ``unknown`` on one sample of the real batch (the
     original modules, eval mode, no gradient: nothing is updated) and, if the graph needs more
     virtual rows than it has, raise them before the call runs: the graph reads its row count from
     ``gm._vdn_rows`` and its sampled modules read ``config`` at run time."""
@@ -665,8 +659,8 @@ def _size_rows_on_first_call(
         handle.remove()
         v_batch = v
         x = args[batch_arg] if batch_arg < len(args) else None
-        if per_row is not None and isinstance(x, Tensor) and x.dim() > 0:
-            v_batch = max(v, virtual_rows_for_batch(per_row, x.shape[0]))
+        if batch_rule is not None and isinstance(x, Tensor) and x.dim() > 0:
+            v_batch = max(v, virtual_rows_for_batch(batch_rule, x.shape[0]))
         positions: dict[str, int] = {}
 
         def record(name: str) -> Any:

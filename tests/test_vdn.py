@@ -867,7 +867,7 @@ def _default_rows(method: str) -> dict[str, float]:
     return {"per_row": 0.25} if method == "vdn" else {"min_rows": 6}
 
 
-ROUTES = ["module", "module_example_inputs", "graph_module"]
+ROUTES = ["module", "module_example_inputs", "graph_module", "bnrewrite.rewrite"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -887,8 +887,12 @@ def test_default_rows_follow_the_batch(route, method, n, rows):
     elif route == "module_example_inputs":
         gm = rewrite_vdn(model, cfg, example_inputs=(x,))
         assert gm.meta["bnrewrite_vdn"].virtual_rows == rows  # known before the first call
-    else:
+    elif route == "graph_module":
         gm = rewrite_vdn(fx.symbolic_trace(copy.deepcopy(model)), cfg)
+    else:  # the public entry point, as a user imports it
+        import bnrewrite
+
+        gm = bnrewrite.rewrite(model, cfg)
     got, want = _steps(gm, x), _steps(ref, x)
     assert gm.meta["bnrewrite_vdn"].virtual_rows == rows == ref._rows(x)
     for key in want:
