@@ -7,7 +7,10 @@ tensor that the floor does not need. For ``x`` of shape ``(N, C, *S)``, the samp
 channel ``c`` (the plan, floor included), ``n = |A_c|``, ``s_c = w_c * rstd_c``:
 
 Forward (the estimator's own functions)
-    ``mu, var = sample_statistics(x, plan, offsets)`` -- reductions over the sample only;
+    ``mu, var = sample_statistics(x, plan, offsets, grouped=True)`` -- reductions over the
+    sample only, gathered with one flat index per row and channel group
+    (:func:`bnrewrite.estimators.grouped_sample_index`: the same set; at 128x256x14x14 ``fs``
+    1/16 it took the C++ forward from 13.9 to 2.4 ms, compiled BN's being 2.9 ms);
     ``y = normalize(x, mu, var, w, b, eps)`` -- one read of ``x``, one write of ``y``.
 
 Backward (hand-written, the exact gradient of that forward; the eager lowering's formulas)
@@ -16,17 +19,21 @@ Backward (hand-written, the exact gradient of that forward; the eager lowering's
     the sums); then on the sampled elements only ``dx_a += g_mu + g_var * (x_a - mu)`` with
     ``g_mu = -s * Sdy / n`` and ``g_var = -s * rstd * Sdyx / n`` (the fix-up of
     :func:`bnrewrite.eager.fix_up`), an ``index_put(accumulate=True)`` whose gather of ``x`` and
-    scatter into ``dx`` touch the ``n`` sampled elements per channel (a plain scatter of
-    ``s * dy_a + fix`` in C++ code, :func:`_fix_up_at`); ``dw = Sdyx``,
+    scatter into ``dx`` touch the ``n`` sampled elements per channel (in C++ code a plain
+    scatter of ``s * dy_a + fix``: through the grouped view for a contiguous ``x``,
+    :func:`_grouped_fix_up`, per element for channels-last, where it measured faster,
+    :func:`_fix_up_at`); ``dw = Sdyx``,
     ``db = Sdy``. On CUDA the sums run in two stages (spatial dims, then rows) so that Triton's
     fusion rules can put them in the loop of ``dx`` (one pass reading ``dy`` and ``x``).
 
-Inductor's count (one layer, forward + backward, CPU, 64x64x28x28): ``bs`` 1/8 7.5 passes,
-``fs`` 1/16 7.36, ``full`` 8.0 = compiled BN. Autograd of the estimator's gather (the route
+Inductor's count (one layer, forward + backward, CPU, 64x64x28x28): ``bs`` 1/8 7.0 passes
+NCHW / 7.5 channels-last, ``fs`` 1/16 6.53 / 7.25, ``full`` 8.0 = compiled BN. Autograd of the estimator's gather (the route
 before this module) was instead a scatter into a zero-filled tensor of the input's full size, an
 ``index_put`` over it and a re-read: 11.75 / 12.5 / 11.0 passes. What keeps the C++ backend above
-the 6.1 of the floor: it fuses the ``dx`` pass with the sums only when their loops are identical
-(never for channels-last, and not in node order for NCHW), and it counts a fused gather as a
+the 6.1 of the floor: it fuses a pointwise pass with a reduction only when the pointwise node
+comes first and its loops are the reduction's loops followed by the reduced ones (never for
+channels-last; for NCHW ``dx`` is materialised where the fix-up needs it, after the sums, and a
+one-stage sum's loops are ``(C; N, S)``), and it counts a per-element (``index_put``) gather as a
 read of its whole source (docs/architecture.md).
 
 Forms
@@ -63,6 +70,7 @@ from .estimators import (
     _has_symbolic_axis,
     _is_empty,
     draw_offsets,
+    grouped_sample_index,
     normalize,
     sample_index,
     sample_mask,
@@ -105,9 +113,16 @@ def _channel_sum(t: Tensor, two_stage: bool) -> Tensor:
 
 
 def _fix_up_at(
-    dx: Tensor, dy: Tensor, xs: Tensor, index: tuple[Tensor, ...], coef: Any, add: bool
+    dx: Tensor,
+    dy: Tensor,
+    xs: Tensor,
+    index: tuple[Tensor, ...],
+    coef: Any,
+    add: bool,
+    shape: list[int],
 ) -> Tensor:
-    """The fix-up of the sampled elements ``index`` (distinct), ``xs = x[index]``.
+    """The fix-up of the sampled elements ``index`` (distinct), ``xs = x[index]``; ``shape``
+    views a per-channel coefficient against ``xs``.
 
     ``add``: ``dx[index] += g_mu + g_var * (xs - mu)``, a scatter-add that reads no ``dy``
     (Triton code: atomic adds to distinct addresses). Otherwise ``dx[index] = s * dy[index] +
@@ -116,12 +131,41 @@ def _fix_up_at(
     writes out of bounds (seen with fixed ``fs`` under the pre-grad pass), so CPU code stores.
     """
     s, g_mu, g_var, mu = coef
-    shape = _bshape(xs)
     val = g_mu.view(shape) + g_var.view(shape) * (xs.to(mu.dtype) - mu.view(shape))
     if add:
         return torch.index_put(dx, index, val.to(dx.dtype), accumulate=True)
     val = val + dy[index].to(mu.dtype) * s.view(shape)
     return torch.index_put(dx, index, val.to(dx.dtype))
+
+
+def _scatter_fix_up(
+    dx: Tensor,
+    dy: Tensor,
+    x: Tensor,
+    dim: int,
+    index: Tensor,
+    coef: Any,
+    shape: list[int],
+) -> Tensor:
+    """:func:`_fix_up_at`'s plain scatter for a sample given as one gather index along ``dim``
+    (a grouped view): ``dx_a = s * dy_a + g_mu + g_var * (x_a - mu)``."""
+    s, g_mu, g_var, mu = coef
+    xs = torch.gather(x, dim, index).to(mu.dtype)
+    val = g_mu.view(shape) + g_var.view(shape) * (xs - mu.view(shape))
+    val = val + torch.gather(dy, dim, index).to(mu.dtype) * s.view(shape)
+    return dx.scatter(dim, index, val.to(dx.dtype))
+
+
+def _grouped_fix_up(
+    dx: Tensor, dy: Tensor, x: Tensor, plan: SamplePlan, offsets: Tensor | None, coef: Any
+) -> Tensor:
+    """The real rows' fix-up in C++ code for a contiguous ``x``: a scatter through the grouped
+    view of :func:`bnrewrite.estimators.grouped_sample_index` (one flat position per sampled
+    element, loops along contiguous memory)."""
+    view, dim, index = grouped_sample_index(plan, offsets, x.device)
+    dxv, dyv, xv = (t.reshape(view) for t in (dx, dy, x))
+    dxv = _scatter_fix_up(dxv, dyv, xv, dim, index, coef, [1, view[1], view[2], 1])
+    return dxv.reshape(x.shape)
 
 
 def _virtual_index(plan: SamplePlan, x: Tensor) -> tuple[Tensor, ...]:
@@ -153,7 +197,7 @@ class _SampledBatchNorm(torch.autograd.Function):
         plan: SamplePlan,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = sample_statistics(x, plan, offsets)
+        mean, var = sample_statistics(x, plan, offsets, grouped=True)
         y = normalize(x, mean, var, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, var, offsets)
         ctx.plan, ctx.eps = plan, eps
@@ -184,12 +228,14 @@ class _SampledBatchNorm(torch.autograd.Function):
             else:
                 dx = (dyf * s.view(shape)).to(x.dtype)
                 coef = (s, g_mu, g_var, mean)
-                if plan.include_real:
+                if plan.include_real and (triton or not x.is_contiguous()):
                     index = sample_index(plan, offsets, x.device)
-                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton)
+                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton, shape)
+                elif plan.include_real:
+                    dx = _grouped_fix_up(dx, dy, x, plan, offsets, coef)
                 if plan.virtual_rows:
                     index = _virtual_index(plan, x)
-                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton)
+                    dx = _fix_up_at(dx, dy, x[index], index, coef, triton, shape)
         dw = sdyx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = (
             sdy.to(ctx.bias_dtype)

@@ -24,6 +24,7 @@ floored): no host synchronisation and no Python integer that a compiled graph wo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ __all__ = [
     "remember_rows",
     "replayed_rows",
     "gather_sample",
+    "grouped_gather",
+    "grouped_sample_index",
     "sample_index",
     "sample_mask",
     "sample_parts",
@@ -258,6 +261,66 @@ def sample_index(
     return tuple(index)
 
 
+def grouped_sample_index(
+    plan: SamplePlan, offsets: Tensor | None, device: torch.device
+) -> tuple[list[Any], int, Tensor]:
+    """The real rows' sample set as one gather index into a grouped view of ``x``.
+
+    Returns ``(view, dim, index)``: ``torch.gather(x.reshape(view), dim, index)`` holds, for every
+    channel, the elements of :func:`gather_sample` (the same set, possibly in another order).
+    ``view`` is ``(N, G', C / G', P)`` with ``P = prod(S)`` (the spatial dims merged: a view of
+    contiguous and channels-last tensors) and ``G'`` the channel groups (1 for fixed sampling;
+    ``C`` when ``G`` does not divide ``C``). Row sampling (``ns``, ``bs``) gathers along
+    ``dim = 0`` with ``index`` of shape ``(k, G', C / G', P)``; spatial sampling (``fs``) along
+    ``dim = 3``, ``(N', G', C / G', M)``, the sampled positions of all spatial axes as one flat
+    position ``sum_d idx_d * stride_d``. ``index`` is an expanded view of a tensor that depends on
+    the row and group only: a compiled gather reads one small index per row and group, runs one
+    indirect load per element over a contiguous row of values, and the channels of a group are
+    contiguous in a channels-last tensor.
+    """
+    rows, channels = plan.real_rows, plan.shape[1]
+    spatial = list(plan.shape[2:])
+    positions = math.prod(spatial) if spatial else 1
+    groups = 1 if offsets is None else plan.groups
+    per_channel = groups > 1 and channels % groups != 0
+    g = channels if per_channel else groups
+    view = [plan.shape[0], g, channels // g, positions]
+    group_of = torch.arange(channels, device=device) * plan.groups // channels
+
+    def indices(i: int, ax: SampledAxis) -> Tensor:  # (R or 1, g or 1, count)
+        if offsets is None:
+            return torch.arange(ax.count, device=device).view(1, 1, ax.count)
+        idx = axis_indices(ax, offsets, i)
+        return idx.index_select(1, group_of) if per_channel else idx
+
+    axes = {ax.axis: (i, ax) for i, ax in enumerate(plan.axes)}
+    if 0 in axes:
+        i, ax = axes[0]
+        row = indices(i, ax)[0].t()  # (k, g or 1)
+        index = row.reshape(ax.count, row.shape[1], 1, 1)
+        return view, 0, index.expand(ax.count, g, channels // g, positions)
+    k = len(spatial)
+    flat = torch.arange(positions, device=device).view(1, 1, positions)  # no sampled axis
+    for d in range(k if axes else 0):
+        if d + 2 in axes:
+            t = indices(*axes[d + 2])
+        else:
+            t = torch.arange(spatial[d], device=device).view(1, 1, spatial[d])
+        shape = [t.shape[0], t.shape[1]] + [1] * k
+        shape[2 + d] = t.shape[2]
+        t = t.view(shape) * math.prod(spatial[d + 1 :])
+        flat = t if d == 0 else flat + t
+    index = flat.reshape(flat.shape[0], flat.shape[1], 1, -1)
+    return view, 3, index.expand(rows, g, channels // g, index.shape[-1])
+
+
+def grouped_gather(x: Tensor, plan: SamplePlan, offsets: Tensor | None) -> Tensor:
+    """The real rows' sample set as ``(N'_s, G', C / G', M)`` through
+    :func:`grouped_sample_index` (channel ``c`` at ``[:, c // (C / G'), c % (C / G')]``)."""
+    view, dim, index = grouped_sample_index(plan, offsets, x.device)
+    return torch.gather(x.reshape(view), dim, index)
+
+
 def _has_symbolic_axis(plan: SamplePlan) -> bool:
     """A sampled axis whose size is symbolic (``torch.compile(dynamic=True)``)."""
     return any(not isinstance(ax.size, int) for ax in plan.axes)
@@ -310,32 +373,43 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def sample_statistics(
-    x: Tensor, plan: SamplePlan, offsets: Tensor | None = None
+    x: Tensor, plan: SamplePlan, offsets: Tensor | None = None, grouped: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over the sample set, float32 (float64 for float64 inputs).
 
     Two passes over the parts of the sample set: ``mean = sum / n``, then
     ``var = sum((a - mean)^2) / n``. A part is a gathered sample (:func:`sample_parts`), or -- with
     symbolic sizes -- the real rows weighted by their 0/1 :func:`sample_mask`: the same sums.
+    ``grouped``: the gathered sample as :func:`grouped_gather` lays it out (the compiled
+    lowering's form; the same elements summed in another order).
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    virtual = x.narrow(0, plan.real_rows, plan.virtual_rows) if plan.virtual_rows else None
+    # (values, 0/1 weight or None, grouped layout)
+    parts: list[tuple[Tensor, Tensor | None, bool]]
     if plan.include_real and plan.axes and _has_symbolic_axis(plan):
         real = (x.narrow(0, 0, plan.real_rows) if plan.virtual_rows else x).to(acc)
-        parts: list[tuple[Tensor, Tensor | None]] = [
-            (real, sample_mask(real, plan, offsets).to(acc))
-        ]
-        if plan.virtual_rows:
-            parts.append((x.narrow(0, plan.real_rows, plan.virtual_rows).to(acc), None))
+        parts = [(real, sample_mask(real, plan, offsets).to(acc), False)]
+    elif grouped and plan.include_real and plan.axes:
+        parts = [(grouped_gather(x, plan, offsets).to(acc), None, True)]
     else:
-        parts = [(p.to(acc), None) for p in sample_parts(x, plan, offsets)]
+        parts = [(p.to(acc), None, False) for p in sample_parts(x, plan, offsets)]
+        virtual = None  # sample_parts lists it
+    if virtual is not None:
+        parts.append((virtual.to(acc), None, False))
     n = plan.count()
 
-    def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
-        return _channel_sum(t if w is None else t * w)
+    def weighted_sum(t: Tensor, w: Tensor | None, grouped_part: bool) -> Tensor:
+        t = t if w is None else t * w
+        return t.sum((0, 3)).reshape(-1) if grouped_part else _channel_sum(t)
 
-    mean = sum(weighted_sum(t, w) for t, w in parts) / n
-    centered = mean.view([1, -1] + [1] * (x.dim() - 2))
-    var = sum(weighted_sum((t - centered).square(), w) for t, w in parts) / n
+    def centered(t: Tensor, grouped_part: bool) -> Tensor:
+        if grouped_part:
+            return t - mean.view(1, t.shape[1], t.shape[2], 1)
+        return t - mean.view([1, -1] + [1] * (t.dim() - 2))
+
+    mean = sum(weighted_sum(t, w, g) for t, w, g in parts) / n
+    var = sum(weighted_sum(centered(t, g).square(), w, g) for t, w, g in parts) / n
     return mean, var
 
 

@@ -252,3 +252,78 @@ def test_eval_without_running_stats_uses_the_whole_batch():
     for cfg in (SamplingConfig("bs", ratio=0.25), SamplingConfig("vdn", vdn_samples=2)):
         y = sampled_batch_norm(x, None, None, bn.weight, bn.bias, False, 0.1, 1e-5, config=cfg)
         torch.testing.assert_close(y, bn(x), rtol=0, atol=0)
+
+
+def _ref_random_sample(x: torch.Tensor, plan, offsets: torch.Tensor) -> list[list[float]]:
+    """Per channel, the sorted values of the random sample set, straight from the plan's
+    contract: along a sampled axis ``(offset + step * j) mod size`` for ``j < count``, the offset
+    of the channel's group ``c * G // C`` (and, for spatial axes, of the row); every index of the
+    other axes; real rows only."""
+    import itertools
+
+    n_real, channels = plan.real_rows, x.shape[1]
+    sampled = {ax.axis: (i, ax) for i, ax in enumerate(plan.axes)}
+    out = []
+    for c in range(channels):
+        g = c * plan.groups // channels
+        values = []
+        rows = range(n_real)
+        if 0 in sampled:
+            i, ax = sampled[0]
+            off = int(offsets[0, g, i])
+            rows = [(off + ax.step * j) % ax.size for j in range(ax.count)]
+        for r in rows:
+            axes = []
+            for d, size in enumerate(x.shape[2:], start=2):
+                if d in sampled:
+                    i, ax = sampled[d]
+                    off = int(offsets[r if plan.offset_rows > 1 else 0, g, i])
+                    axes.append([(off + ax.step * j) % ax.size for j in range(ax.count)])
+                else:
+                    axes.append(range(size))
+            for pos in itertools.product(*axes):
+                values.append(float(x[(r, c, *pos)]))
+        out.append(sorted(values))
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,method,kw",
+    [
+        ((16, 8, 6, 6), "bs", {}),
+        ((16, 8, 6, 6), "ns", {}),
+        ((16, 6, 6, 6), "bs", {"groups": 4}),  # 4 groups do not divide 6 channels
+        ((12, 8, 7, 5), "fs", {}),
+        ((12, 6, 7, 5), "fs", {"groups": 4}),
+        ((8, 8, 10), "fs", {}),
+        ((4, 4, 4, 6, 6), "fs", {}),
+        ((14, 8, 6, 6), "fs_vdn", {"vdn_samples": 4}),
+        ((16, 8), "bs", {}),
+    ],
+)
+def test_grouped_gather_is_the_sample_set(shape, method, kw):
+    """The compiled lowering's grouped gather (one flat index per row and group) takes exactly
+    the sample set of the plan's contract, channel by channel, for contiguous and channels-last
+    inputs; its statistics equal the reference's over that set."""
+    from bnrewrite.estimators import draw_offsets, grouped_gather, sample_statistics
+    from bnrewrite.plan import sample_plan
+
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64)
+    plan = sample_plan(shape, SamplingConfig(method, ratio=0.25, min_count=1, **kw))
+    offsets = draw_offsets(plan, x.device)
+    ref = _ref_random_sample(x, plan, offsets)
+    layouts = [x]
+    if x.dim() == 4:
+        layouts.append(x.contiguous(memory_format=torch.channels_last))
+    for t in layouts:
+        got = grouped_gather(t, plan, offsets)  # (rows, G', C / G', M)
+        per_channel = got.permute(1, 2, 0, 3).reshape(shape[1], -1)
+        assert [sorted(v.tolist()) for v in per_channel] == ref
+        mean, var = sample_statistics(t, plan, offsets, grouped=True)
+        values = torch.tensor(ref, dtype=torch.float64)
+        if plan.virtual_rows:
+            virt = x[plan.real_rows :].transpose(0, 1).reshape(shape[1], -1)
+            values = torch.cat([values, virt], 1)
+        torch.testing.assert_close(mean, values.mean(1))
+        torch.testing.assert_close(var, values.var(1, correction=0))
