@@ -502,3 +502,30 @@ def test_backend_runs_an_empty_batch_like_pytorch() -> None:
     assert compiled(x).shape == reference(x).shape == (0, 4)
     for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_inductor_caches_are_keyed_on_the_lowering_source(monkeypatch):
+    """``backend="bnrewrite"`` hands Inductor a ``post_grad_custom_pre_pass`` whose ``uuid()``
+    (hashed by the FX-graph and AOTAutograd caches) changes with the lowering's source and keeps
+    the user's own pass running and keyed."""
+    import bnrewrite.backend as B
+
+    ran: list[int] = []
+
+    class UserPass(B._custom_graph_pass_base()):
+        def __call__(self, graph):
+            ran.append(len(graph.nodes))
+
+        def uuid(self):
+            return "user-v1"
+
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=UserPass()):
+        keyed = B._cache_key_patch()["post_grad_custom_pre_pass"]
+        before = keyed.uuid()
+        monkeypatch.setattr(B, "_source_digest", lambda lowering="torch": "edited")
+        assert keyed.uuid() != before
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        torch._dynamo.reset()
+        torch.compile(model, backend="bnrewrite")(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert ran, "the user's post-grad pass did not run"
+    assert B._SourceKeyedPass(None).uuid() != B._SourceKeyedPass(UserPass()).uuid()
