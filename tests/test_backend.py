@@ -325,7 +325,9 @@ def test_mode_passed_to_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
     fn(gm, [torch.randn(2, 2)], mode="reduce-overhead")
     assert seen["patches"]["triton.cudagraphs"] is True
-    assert set(seen["patches"]) <= {"triton.cudagraphs", *_cpp_workarounds()}
+    # and the source-keyed post-grad pass (the caches see the lowering's source)
+    allowed = {"triton.cudagraphs", "post_grad_custom_pre_pass", *_cpp_workarounds()}
+    assert set(seen["patches"]) <= allowed
 
 
 # -- 5 ------------------------------------------------------------------------------------------
@@ -519,7 +521,11 @@ def test_inductor_caches_are_keyed_on_the_lowering_source(monkeypatch):
         def uuid(self):
             return "user-v1"
 
-    with torch._inductor.config.patch(post_grad_custom_pre_pass=UserPass()):
+    # caches off: a cache hit would skip the post-grad passes (a hit is the point elsewhere)
+    with (
+        torch._inductor.config.patch(post_grad_custom_pre_pass=UserPass(), fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         keyed = B._cache_key_patch()["post_grad_custom_pre_pass"]
         before = keyed.uuid()
         monkeypatch.setattr(B, "_source_digest", lambda lowering="torch": "edited")
