@@ -130,12 +130,19 @@ def _fix_up_at(
     addresses of a vectorised atomic add inside a transposed (channels-last to NCHW) tile and
     writes out of bounds (seen with fixed ``fs`` under the pre-grad pass), so CPU code stores.
     """
+    if add:
+        val = _fix_values(xs, None, coef, shape)
+        return torch.index_put(dx, index, val.to(dx.dtype), accumulate=True)
+    val = _fix_values(xs, dy[index], coef, shape)
+    return torch.index_put(dx, index, val.to(dx.dtype))
+
+
+def _fix_values(xs: Tensor, dys: Tensor | None, coef: Any, shape: list[int]) -> Tensor:
+    """The fix-up's values at the sampled elements: ``g_mu + g_var * (x_a - mu)``, plus
+    ``s * dy_a`` when ``dys`` is given (the plain scatter)."""
     s, g_mu, g_var, mu = coef
     val = g_mu.view(shape) + g_var.view(shape) * (xs.to(mu.dtype) - mu.view(shape))
-    if add:
-        return torch.index_put(dx, index, val.to(dx.dtype), accumulate=True)
-    val = val + dy[index].to(mu.dtype) * s.view(shape)
-    return torch.index_put(dx, index, val.to(dx.dtype))
+    return val if dys is None else val + dys.to(mu.dtype) * s.view(shape)
 
 
 def _scatter_fix_up(
@@ -149,10 +156,7 @@ def _scatter_fix_up(
 ) -> Tensor:
     """:func:`_fix_up_at`'s plain scatter for a sample given as one gather index along ``dim``
     (a grouped view): ``dx_a = s * dy_a + g_mu + g_var * (x_a - mu)``."""
-    s, g_mu, g_var, mu = coef
-    xs = torch.gather(x, dim, index).to(mu.dtype)
-    val = g_mu.view(shape) + g_var.view(shape) * (xs - mu.view(shape))
-    val = val + torch.gather(dy, dim, index).to(mu.dtype) * s.view(shape)
+    val = _fix_values(torch.gather(x, dim, index), torch.gather(dy, dim, index), coef, shape)
     return dx.scatter(dim, index, val.to(dx.dtype))
 
 

@@ -285,13 +285,15 @@ def grouped_sample_index(
     per_channel = groups > 1 and channels % groups != 0
     g = channels if per_channel else groups
     view = [plan.shape[0], g, channels // g, positions]
-    group_of = torch.arange(channels, device=device) * plan.groups // channels
 
     def indices(i: int, ax: SampledAxis) -> Tensor:  # (R or 1, g or 1, count)
         if offsets is None:
             return torch.arange(ax.count, device=device).view(1, 1, ax.count)
         idx = axis_indices(ax, offsets, i)
-        return idx.index_select(1, group_of) if per_channel else idx
+        if not per_channel:
+            return idx
+        group_of = torch.arange(channels, device=device) * plan.groups // channels
+        return idx.index_select(1, group_of)
 
     axes = {ax.axis: (i, ax) for i, ax in enumerate(plan.axes)}
     if 0 in axes:
